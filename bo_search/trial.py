@@ -1,0 +1,171 @@
+"""One loaded model ready to score plans, and ``run_trial(plan) -> TrialResult``.
+
+A :class:`ModelContext` loads the model, tokenises the text and copies the original weights once;
+each trial then applies a plan in place, evaluates, and (lazily) restores. Workers hold one context
+for their whole life.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from bo_search.types import QuantPlan, TrialResult, UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Everything needed to rebuild a ModelContext (in a worker process, say)."""
+
+    checkpoint: str | None = None
+    eval_text: str | None = None
+    eval_tokens: int = 2048
+    heldout_tokens: int = 4096
+    max_seqlen: int = 512
+    batch_size: int = 4
+    scale_dtype: str = "float16"
+    zero_bits: int = 16
+    mse_clip: bool = False
+    fp_dtype: str | None = None
+    include_lm_head: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.eval_tokens <= 0:
+            raise UserError(f"--eval_tokens must be positive, got {self.eval_tokens}")
+        if self.heldout_tokens < 0:
+            raise UserError(f"--heldout_tokens must be zero or positive, got {self.heldout_tokens}")
+        if self.max_seqlen <= 1:
+            raise UserError(f"--max_seqlen must be at least 2, got {self.max_seqlen}")
+        if self.batch_size <= 0:
+            raise UserError(f"--batch_size must be positive, got {self.batch_size}")
+
+    @classmethod
+    def from_args(cls, args: Any) -> EvalConfig:
+        names = cls.__dataclass_fields__
+        return cls(**{k: getattr(args, k) for k in names if hasattr(args, k)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ModelContext:
+    """A model held in memory with its layers, size accounting and evaluation windows."""
+
+    def __init__(self, cfg: EvalConfig, heldout: bool = True):
+        from bo_search.data import load_corpus, split_windows
+        from bo_search.model import discover_layers, load_model
+        from bo_search.quant import PlanApplier, QuantScheme, SizeModel
+
+        self.cfg = cfg
+        t0 = time.perf_counter()
+        self.model, self.tok, self.ref = load_model(cfg.checkpoint, device=cfg.device)
+        if cfg.include_lm_head:
+            _untie_lm_head(self.model)
+        self.layers = discover_layers(self.model, include_lm_head=cfg.include_lm_head)
+        self.scheme = QuantScheme(scale_dtype=cfg.scale_dtype, zero_bits=cfg.zero_bits, mse_clip=cfg.mse_clip)
+        self.applier = PlanApplier(self.model, self.layers, self.scheme, keep_on="cpu" if cfg.device.startswith("cuda") else None)
+        self.size_model = SizeModel(self.model, self.layers, self.scheme, cfg.fp_dtype)
+        self.corpus = load_corpus(cfg.eval_text)
+        self.search_windows = split_windows(self.tok, self.corpus, "search", cfg.eval_tokens, cfg.max_seqlen)
+        self.heldout_windows = split_windows(self.tok, self.corpus, "test", cfg.heldout_tokens, cfg.max_seqlen) if heldout and cfg.heldout_tokens > 0 else None
+        self.load_s = time.perf_counter() - t0
+
+    @classmethod
+    def from_args(cls, args: Any, heldout: bool = True) -> ModelContext:
+        return cls(EvalConfig.from_args(args), heldout=heldout)
+
+    def eval_description(self) -> dict[str, Any]:
+        return {
+            "text": self.corpus.name,
+            "search_tokens": self.search_windows.n_tokens,
+            "heldout_tokens": self.heldout_windows.n_tokens if self.heldout_windows else 0,
+            "seq_len": self.search_windows.seq_len,
+            "scale_dtype": self.scheme.scale_dtype,
+            "zero_bits": self.scheme.zero_bits,
+            "storage_dtype": self.size_model.fp_dtype,
+            "size_unit": "GB = 1e9 bytes",
+        }
+
+    def measure(self, plan: QuantPlan, heldout: bool = False) -> dict[str, Any]:
+        """Size and perplexity of one plan (model restored afterwards)."""
+        from bo_search.evaluate import perplexity
+
+        size = self.size_model.report(plan)
+        t0 = time.perf_counter()
+        self.applier.apply(plan)
+        t1 = time.perf_counter()
+        try:
+            ppl = perplexity(self.model, self.search_windows, self.cfg.batch_size)
+            held = perplexity(self.model, self.heldout_windows, self.cfg.batch_size) if heldout and self.heldout_windows is not None else None
+        finally:
+            t2 = time.perf_counter()
+            self.applier.restore()
+        row: dict[str, Any] = {
+            "model_size_gb": round(size.gb, 6),
+            "avg_bits": round(size.avg_bits, 4),
+            "ppl": ppl.ppl,
+            "ppl_sem": ppl.ppl_sem,
+            "nll": ppl.nll,
+            "nll_sem": ppl.nll_sem,
+            "ppl_heldout": held.ppl if held else None,
+            "quantize_s": t1 - t0,
+            "evaluate_s": t2 - t1,
+            "restore_s": time.perf_counter() - t2,
+        }
+        return row
+
+    def run_trial(self, trial_index: int, plan: QuantPlan, worker_id: str = "") -> TrialResult:
+        """Apply, evaluate on the search split; any exception becomes a failed result with its reason.
+
+        The model is left holding this plan (restoring is deferred: the next trial rewrites only the
+        layers whose setting changes, which is what makes per-trial quantization cheap).
+        """
+        from bo_search.evaluate import perplexity
+
+        t0 = time.perf_counter()
+        quantize_s = evaluate_s = 0.0
+        try:
+            size = self.size_model.report(plan)
+            self.applier.apply(plan)
+            quantize_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            ppl = perplexity(self.model, self.search_windows, self.cfg.batch_size)
+            evaluate_s = time.perf_counter() - t1
+            if not torch.isfinite(torch.tensor(ppl.nll)):
+                raise FloatingPointError(f"non-finite loss ({ppl.nll}) on the search windows")
+        except Exception as err:  # a trial must end as completed or failed-with-reason
+            self.safe_restore()
+            reason = f"{type(err).__name__}: {err}".splitlines()[0][:500]
+            log.warning("trial %d failed: %s\n%s", trial_index, reason, traceback.format_exc())
+            return TrialResult(trial_index, "failed", reason=reason, quantize_s=quantize_s, evaluate_s=evaluate_s, worker_id=worker_id)
+        return TrialResult(
+            trial_index,
+            "completed",
+            metrics={"nll": ppl.nll, "ppl": ppl.ppl, "model_size_gb": size.gb, "avg_bits": size.avg_bits},
+            sems={"nll": ppl.nll_sem, "ppl": ppl.ppl_sem},
+            quantize_s=quantize_s,
+            evaluate_s=evaluate_s,
+            worker_id=worker_id,
+        )
+
+    def safe_restore(self) -> None:
+        try:
+            self.applier.restore()
+        except Exception:  # restoring copies saved tensors; if even that fails the worker is replaced
+            log.exception("restore failed")
+
+
+def _untie_lm_head(model: Any) -> None:
+    head = model.get_output_embeddings()
+    emb = model.get_input_embeddings()
+    if head is not None and emb is not None and head.weight is emb.weight:
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
