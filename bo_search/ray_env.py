@@ -12,7 +12,7 @@ What Ray does without each variable (paths are under ``site-packages/ray/`` of R
     The IP probe. ``_private/services.py:811-821`` ``get_node_ip_address()`` calls
     ``node_ip_address_from_perspective()``, which does a UDP ``connect`` to ``8.8.8.8:53`` and
     ``[2001:4860:4860::8888]:53`` (C++ ``network_util.cc``), and the node then uses the public
-    interface's address: GCS, raylet and workers bind to ``::`` and talk over that address. With the
+    interface's address: Ray's servers bind to ``::`` (all interfaces) and talk over that address. With the
     flag off, the same function returns ``get_localhost_ip()`` (127.0.0.1) instead. The flag is read
     once, when ``ray`` is imported (``_private/ray_constants.py:657-661``), so it must be in the
     environment before ``import ray`` in this process; child processes inherit it.
@@ -21,10 +21,12 @@ What Ray does without each variable (paths are under ``site-packages/ray/`` of R
     to the probe (measured: the node ended up on the public address).
 
 ``RAY_USAGE_STATS_ENABLED=0``
-    Usage reports. Unless this is exactly ``"0"`` (``_common/usage/usage_lib.py:353-395``) the
-    dashboard's ``UsageStatsHead.run()`` (``dashboard/modules/usage_stats/usage_stats_head.py``)
+    Usage reports. When this is not exactly ``"0"`` (``_common/usage/usage_lib.py:353-395``) the
+    dashboard's ``UsageStatsHead.run()`` (``dashboard/modules/usage_stats/usage_stats_head.py:195-212``)
     posts a report to ``https://usage-stats.ray.io/`` (``usage_lib.py:337-340``) after 60 s and then
-    every hour; HTTPS, so the proxy below would not stop it.
+    every hour; HTTPS, so the proxy below would not stop it. ``ray.init`` on a release wheel already
+    forces it to ``"0"`` (``_private/worker.py:1878-1884``), but a nightly wheel does not; set here
+    so that no Ray build depends on that.
 
 ``http_proxy`` / ``HTTP_PROXY`` = ``http://127.0.0.1:9``, ``no_proxy`` / ``NO_PROXY`` = ``127.0.0.1,localhost,::1``
     The cloud-metadata probe. ``UsageStatsHead.run()`` (``usage_stats_head.py:196-198``) calls
@@ -41,16 +43,18 @@ What Ray does without each variable (paths are under ``site-packages/ray/`` of R
     traffic is unaffected. Chosen over the other known fix, pointing ``HOME`` at a directory holding
     a ``ray_bootstrap_config.yaml`` with ``provider: {type: local}``, because ``HOME`` is inherited by
     every worker (``~/.cache``, ``~/.ray/auth_token``, ...) while these variables only touch plain
-    HTTP, which bo_search never uses (it runs offline, see ``bo_search/offline.py``). HTTPS proxy
-    settings are left alone.
+    HTTP, which bo_search never uses (it runs offline, see ``bo_search/offline.py``).
+    ``https_proxy`` is left alone; only its exception list (``no_proxy``) is replaced.
 
 Every value is *forced*, not ``setdefault``: each user value would reopen a leak
-(``RAY_USAGE_STATS_ENABLED=1`` sends reports, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1`` probes and
+(``RAY_USAGE_STATS_ENABLED=1`` turns reports on where ``ray.init`` does not force them off,
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1`` probes and
 publishes the node on the public interface, an existing ``http_proxy`` would carry the metadata
 requests off the machine, a ``no_proxy`` listing ``169.254.169.254`` would send them direct). A user
 who wants Ray on real network interfaces runs a multi-node cluster with ``--ray_address``; that
-path must not call :func:`apply_loopback_env` (with the cluster flag off the driver reports
-127.0.0.1 as its address and cannot find its raylet on a real node).
+path must not call :func:`apply_loopback_env`: with the cluster flag off, ``get_node_ip_address()``
+in the driver returns 127.0.0.1, not the address its node has in the cluster (read from the code,
+not tried on a real cluster).
 
 ``RAY_AUTH_MODE`` is deliberately left alone: it has no effect on where Ray connects (the traced
 test passes with Ray's default token authentication), and turning authentication off would let any

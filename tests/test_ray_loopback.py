@@ -26,11 +26,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
-from bo_search.ray_env import loopback_env
+from bo_search.ray_env import apply_loopback_env, local_init_kwargs, loopback_env
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OBJECT_STORE_BYTES = 200 * 1024 * 1024
@@ -40,6 +41,7 @@ ACTOR_MARK = "ACTOR_RESULT"
 
 SCRIPT = f"""
 import sys
+import types
 
 from bo_search.ray_env import apply_loopback_env, local_init_kwargs
 
@@ -336,3 +338,44 @@ def test_trace_parser_and_loopback_rules() -> None:
     assert not any(
         map(is_loopback, ["10.0.0.1", "0.0.0.0", "::", "::ffff:10.0.0.1", "x"])
     )
+
+
+def test_apply_loopback_env_forces_values_and_returns_previous() -> None:
+    environ = {
+        "http_proxy": "http://proxy.corp:3128",
+        "RAY_USAGE_STATS_ENABLED": "1",
+        "X": "y",
+    }
+    previous = apply_loopback_env(environ)
+    assert environ == {**loopback_env(), "X": "y"}
+    assert previous["http_proxy"] == "http://proxy.corp:3128"
+    assert previous["RAY_USAGE_STATS_ENABLED"] == "1"
+    assert previous["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] is None
+
+
+def test_apply_loopback_env_refuses_after_ray_import(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stale = types.SimpleNamespace(ENABLE_RAY_CLUSTER=True)
+    monkeypatch.setitem(sys.modules, "ray._private.ray_constants", stale)
+    with pytest.raises(RuntimeError, match="before"):
+        apply_loopback_env()
+    assert (
+        apply_loopback_env({}) is not None
+    )  # a separate mapping (child env) is always fine
+
+
+def test_local_init_kwargs() -> None:
+    kwargs = local_init_kwargs(2, OBJECT_STORE_BYTES)
+    assert kwargs == {
+        "address": "local",
+        "num_cpus": 2,
+        "object_store_memory": OBJECT_STORE_BYTES,
+        "include_dashboard": False,
+        "log_to_driver": True,
+    }
+    assert local_init_kwargs(1, OBJECT_STORE_BYTES, num_gpus=1)["num_gpus"] == 1
+    with pytest.raises(ValueError, match="num_cpus"):
+        local_init_kwargs(0, OBJECT_STORE_BYTES)
+    with pytest.raises(ValueError, match="75 MiB"):
+        local_init_kwargs(1, 1024)
