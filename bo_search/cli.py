@@ -19,20 +19,49 @@ log = logging.getLogger(__name__)
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--checkpoint", default=None, help="local Hugging Face checkpoint directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    g.add_argument(
+        "--checkpoint",
+        default=None,
+        help="local Hugging Face checkpoint directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)",
+    )
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda:0 when a GPU is visible, else cpu)")
-    g.add_argument("--include_lm_head", action="store_true", help="also quantize lm_head (untied from the embeddings if tied); by default lm_head and embeddings stay unquantized")
-    g.add_argument("--scale_dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="dtype of the per-group scales, in the model and in the size (default float16)")
-    g.add_argument("--zero_bits", type=int, default=16, choices=[8, 16, 32], help="bits counted per zero point of asymmetric groups (default 16)")
-    g.add_argument("--mse_clip", action="store_true", help="choose each group's clip ratio to minimise ||W - Q(W)||^2 instead of plain min/max")
-    g.add_argument("--fp_dtype", default=None, choices=["float32", "float16", "bfloat16"], help="storage dtype counted for unquantized tensors (default: the checkpoint's config dtype)")
+    g.add_argument(
+        "--include_lm_head",
+        action="store_true",
+        help="also quantize lm_head (untied from the embeddings if tied); by default lm_head and embeddings stay unquantized",
+    )
+    g.add_argument(
+        "--scale_dtype",
+        default="float16",
+        choices=["float16", "bfloat16", "float32"],
+        help="dtype of the per-group scales, in the model and in the size (default float16)",
+    )
+    g.add_argument(
+        "--zero_bits", type=int, default=16, choices=[8, 16, 32], help="bits counted per zero point of asymmetric groups (default 16)"
+    )
+    g.add_argument(
+        "--mse_clip", action="store_true", help="choose each group's clip ratio to minimise ||W - Q(W)||^2 instead of plain min/max"
+    )
+    g.add_argument(
+        "--fp_dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="storage dtype counted for unquantized tensors (default: the checkpoint's config dtype)",
+    )
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("evaluation text")
-    g.add_argument("--eval_text", default=None, metavar="PATH", help="local .txt (documents separated by blank lines) or .jsonl ({\"text\": ...} per line); default: the embedded Wikipedia extract")
+    g.add_argument(
+        "--eval_text",
+        default=None,
+        metavar="PATH",
+        help='local .txt (documents separated by blank lines) or .jsonl ({"text": ...} per line); default: the embedded Wikipedia extract',
+    )
     g.add_argument("--eval_tokens", type=int, default=2048, help="tokens of the search split scored per evaluation (default 2048)")
-    g.add_argument("--heldout_tokens", type=int, default=4096, help="tokens of the held-out test split for final numbers (default 4096; 0 = skip)")
+    g.add_argument(
+        "--heldout_tokens", type=int, default=4096, help="tokens of the held-out test split for final numbers (default 4096; 0 = skip)"
+    )
     g.add_argument("--max_seqlen", type=int, default=512, help="window length in tokens (default 512)")
     g.add_argument("--batch_size", type=int, default=4, help="windows per forward pass (default 4)")
 

@@ -144,7 +144,7 @@ def file_corpus(path: str | os.PathLike[str]) -> Corpus:
                 obj = json.loads(line)
                 text = obj["text"] if "text" in obj else obj["page"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise UserError(f"{p}:{lineno}: each JSONL line must be an object with a \"text\" field ({err})") from err
+                raise UserError(f'{p}:{lineno}: each JSONL line must be an object with a "text" field ({err})') from err
             docs.append(Document(str(obj.get("title", "")), str(text)))
     else:
         docs = [Document("", block.strip()) for block in raw.split("\n\n") if block.strip()]
@@ -234,7 +234,9 @@ def make_windows(stream: torch.Tensor, n_tokens: int, seq_len: int, prefix_id: i
         )
     n = math.ceil(n_tokens / seq_len)
     if n > available:
-        log.warning("the %s split holds only %d windows of %d tokens; using all of them (%d tokens)", split, available, seq_len, available * seq_len)
+        log.warning(
+            "the %s split holds only %d windows of %d tokens; using all of them (%d tokens)", split, available, seq_len, available * seq_len
+        )
         n = available
     # Spread n windows evenly over the stream: window k starts at slot floor(k * available / n).
     starts = tuple((k * available // n) * seq_len for k in range(n))

@@ -85,7 +85,11 @@ def _write_local_task(tok: Any, windows: Windows) -> Path:
     """A lm_eval task over the windows' text (same YAML shape as lm_eval's wikitext, no hub access)."""
     from bo_search.model import cache_dir
 
-    folder = cache_dir() / "lm_eval_tasks" / f"{windows.split}-{windows.ids.shape[0]}x{windows.seq_len}-{abs(hash(windows.ids.numpy().tobytes())) % 10**12}"
+    folder = (
+        cache_dir()
+        / "lm_eval_tasks"
+        / f"{windows.split}-{windows.ids.shape[0]}x{windows.seq_len}-{abs(hash(windows.ids.numpy().tobytes())) % 10**12}"
+    )
     folder.mkdir(parents=True, exist_ok=True)
     data = folder / "data.jsonl"
     data.write_text("".join(json.dumps({"page": d}) + "\n" for d in windows_as_documents(tok, windows)), encoding="utf-8")
@@ -125,7 +129,9 @@ def lm_eval_tasks(model: Any, tok: Any, tasks: Sequence[str], windows: Windows, 
     for t in tasks:
         if t not in known:
             hint = difflib.get_close_matches(t, sorted(known), n=3)
-            raise UserError(f"unknown lm_eval task {t!r}" + (f"; did you mean {', '.join(hint)}?" if hint else f"; the local task is {LOCAL_TASK!r}"))
+            raise UserError(
+                f"unknown lm_eval task {t!r}" + (f"; did you mean {', '.join(hint)}?" if hint else f"; the local task is {LOCAL_TASK!r}")
+            )
     lm = _hflm(model, tok, max_length=windows.seq_len + 1)
     try:
         out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=tm, limit=limit, log_samples=False, verbosity="WARNING")
@@ -155,12 +161,41 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_model_args(p)
     cli.add_eval_args(p)
     g = p.add_argument_group("configurations (any mix; each is one row of the table)")
-    g.add_argument("--config", action="append", default=[], metavar="PLAN.json", help="a plan JSON written by a search or by `bo_search.report --export`")
-    g.add_argument("--uniform", nargs="+", default=[], metavar="BITS:GROUPSIZE", help="uniform plans, e.g. 8:64 4:32 3:64; 'fp' (or 16) for full precision; groupsize -1 = per channel; add ':sym' for symmetric")
+    g.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="PLAN.json",
+        help="a plan JSON written by a search or by `bo_search.report --export`",
+    )
+    g.add_argument(
+        "--uniform",
+        nargs="+",
+        default=[],
+        metavar="BITS:GROUPSIZE",
+        help="uniform plans, e.g. 8:64 4:32 3:64; 'fp' (or 16) for full precision; groupsize -1 = per channel; add ':sym' for symmetric",
+    )
     g.add_argument("--parameters_list", metavar="SPACE.json", help="parameter space used to decode --sample")
-    g.add_argument("--initial_samples", metavar="SAMPLES.json", help="seed-format samples file for --sample (default: the file named by the space, if any)")
-    g.add_argument("--sample", type=int, action="append", default=[], metavar="N", help="evaluate initial sample N (0-based) decoded through --parameters_list")
-    p.add_argument("--tasks", nargs="+", default=[], metavar="TASK", help=f"also run lm_eval tasks: {LOCAL_TASK!r} (the search windows' text, word/byte perplexity) or any task whose data is local")
+    g.add_argument(
+        "--initial_samples",
+        metavar="SAMPLES.json",
+        help="seed-format samples file for --sample (default: the file named by the space, if any)",
+    )
+    g.add_argument(
+        "--sample",
+        type=int,
+        action="append",
+        default=[],
+        metavar="N",
+        help="evaluate initial sample N (0-based) decoded through --parameters_list",
+    )
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=[],
+        metavar="TASK",
+        help=f"also run lm_eval tasks: {LOCAL_TASK!r} (the search windows' text, word/byte perplexity) or any task whose data is local",
+    )
     p.add_argument("--output", metavar="RESULTS.json", help="write the table as JSON (keys model_size_gb, avg_bits, ppl, ppl_heldout, ...)")
     return p
 
@@ -180,8 +215,11 @@ def _main(args: argparse.Namespace) -> int:
     ctx = ModelContext.from_args(args, heldout=args.heldout_tokens > 0)
     configs = cli.collect_plans(args, ctx)
     rows = []
-    print(f"model {ctx.ref.name}: {len(ctx.layers.linears)} quantizable linears in {ctx.layers.n_blocks} blocks; "
-          f"search split {ctx.search_windows.n_tokens} tokens, held-out {ctx.heldout_windows.n_tokens if ctx.heldout_windows else 0} tokens", flush=True)
+    print(
+        f"model {ctx.ref.name}: {len(ctx.layers.linears)} quantizable linears in {ctx.layers.n_blocks} blocks; "
+        f"search split {ctx.search_windows.n_tokens} tokens, held-out {ctx.heldout_windows.n_tokens if ctx.heldout_windows else 0} tokens",
+        flush=True,
+    )
     for label, plan in cli.progress(configs, desc="configs"):
         t0 = time.perf_counter()
         row = ctx.measure(plan, heldout=ctx.heldout_windows is not None)

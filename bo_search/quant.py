@@ -141,21 +141,20 @@ def fake_quantize(w: torch.Tensor, lq: LayerQuant, scheme: QuantScheme = DEFAULT
 
 def _mse_clip_qparams(wg: torch.Tensor, lq: LayerQuant, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group, the clip ratio from ``scheme.clip_grid`` that minimises ||W - Q(W)||^2."""
-    best_err: torch.Tensor | None = None
-    best_scale = best_zp = None
-    for ratio in scheme.clip_grid:
+
+    def group_error(ratio: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         scale, zp = choose_qparams(wg, lq.bits, lq.symmetric, scheme, clip=ratio)
         q = quantize_codes(wg, scale, zp, lq.bits)
         q.sub_(zp).mul_(scale).sub_(wg)
-        err = q.square_().sum(dim=-1, keepdim=True)
-        if best_err is None:
-            best_err, best_scale, best_zp = err, scale, zp
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_scale = torch.where(better, scale, best_scale)
-            best_zp = torch.where(better, zp, best_zp)
-    assert best_scale is not None and best_zp is not None
+        return q.square_().sum(dim=-1, keepdim=True), scale, zp
+
+    best_err, best_scale, best_zp = group_error(scheme.clip_grid[0])
+    for ratio in scheme.clip_grid[1:]:
+        err, scale, zp = group_error(ratio)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zp = torch.where(better, zp, best_zp)
     return best_scale, best_zp
 
 
@@ -193,7 +192,9 @@ class PlanApplier:
         infos = self.layers.by_fqn()
         unknown = [f for f in plan if f not in infos]
         if unknown:
-            raise UserError(f"plan names {len(unknown)} unknown layer(s), e.g. {unknown[0]!r}; known layers look like {next(iter(infos))!r}")
+            raise UserError(
+                f"plan names {len(unknown)} unknown layer(s), e.g. {unknown[0]!r}; known layers look like {next(iter(infos))!r}"
+            )
         for fqn, lq in plan.items():
             check_group(infos[fqn], lq)
 
@@ -360,7 +361,9 @@ def quantize_layer_packed(w: torch.Tensor, lq: LayerQuant, scheme: QuantScheme) 
     return tensors
 
 
-def dequantize_layer_packed(tensors: Mapping[str, torch.Tensor], lq: LayerQuant, shape: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+def dequantize_layer_packed(
+    tensors: Mapping[str, torch.Tensor], lq: LayerQuant, shape: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
     out_f, in_f = shape
     g = effective_group(in_f, lq.group_size)
     qmin, _ = qrange(lq.bits)
@@ -378,7 +381,15 @@ def dequantize_layer_packed(tensors: Mapping[str, torch.Tensor], lq: LayerQuant,
 PACKED_FORMAT = "bo_search.packed/1"
 
 
-def save_packed(model: Any, layers: ModelLayers, plan: QuantPlan, path: str | Path, scheme: QuantScheme = DEFAULT_SCHEME, fp_dtype: str | None = None, originals: PlanApplier | None = None) -> Path:
+def save_packed(
+    model: Any,
+    layers: ModelLayers,
+    plan: QuantPlan,
+    path: str | Path,
+    scheme: QuantScheme = DEFAULT_SCHEME,
+    fp_dtype: str | None = None,
+    originals: PlanApplier | None = None,
+) -> Path:
     """Write ``model.safetensors`` with bit-packed quantized layers and every other tensor at its storage dtype.
 
     ``originals`` supplies unquantized weights when the model currently holds fake-quantized ones.
@@ -504,3 +515,24 @@ def torchao_fqn_config(plan: QuantPlan, layers: ModelLayers, device: str = "cpu"
 def uniform_plan(layers: ModelLayers | Iterable[str], lq: LayerQuant) -> QuantPlan:
     fqns = layers.fqns if isinstance(layers, ModelLayers) else tuple(layers)
     return QuantPlan.uniform(fqns, lq)
+
+
+def slot_choices(space: Any) -> list[list[tuple[int, int]]]:
+    """Per slot of a SearchSpace, every allowed (bits, group_size) pair."""
+    return [[(b, g) for b in slot.bits.values for g in slot.group_size.values] for slot in space.slots]
+
+
+def space_size_bounds(space: Any, size_model: SizeModel) -> tuple[float, float]:
+    """Exact smallest and largest model size (GB) over all plans of a space (size is additive over slots)."""
+    infos = size_model.layers.by_fqn()
+    lo = hi = size_model.other_bits
+    planned = {f for slot in space.slots for f in slot.fqns}
+    for li in size_model.layers.linears:  # layers outside the space stay at full precision
+        if li.fqn not in planned:
+            lo += size_model.layer_bits(li, FULL_PRECISION)
+            hi += size_model.layer_bits(li, FULL_PRECISION)
+    for slot, choices in zip(space.slots, slot_choices(space)):
+        costs = [sum(size_model.layer_bits(infos[f], LayerQuant(b, g, space.symmetric)) for f in slot.fqns) for b, g in choices]
+        lo += min(costs)
+        hi += max(costs)
+    return lo / 8 / 1e9, hi / 8 / 1e9

@@ -151,8 +151,7 @@ def local_init_kwargs(
         raise ValueError(f"num_cpus must be at least 1, got {num_cpus}")
     if object_store_memory < _MIN_OBJECT_STORE_BYTES:
         raise ValueError(
-            f"object_store_memory must be at least {_MIN_OBJECT_STORE_BYTES} bytes (75 MiB, Ray's "
-            f"minimum), got {object_store_memory}"
+            f"object_store_memory must be at least {_MIN_OBJECT_STORE_BYTES} bytes (75 MiB, Ray's minimum), got {object_store_memory}"
         )
     kwargs: dict[str, object] = {
         "address": "local",

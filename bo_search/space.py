@@ -139,7 +139,9 @@ class SearchSpace:
         for slot in self.slots:
             settings = {plan.setting(f) for f in slot.fqns}
             if len(settings) != 1:
-                raise UserError(f"plan gives different settings to the linears of block {slot.block}{' group ' + slot.group if slot.group else ''}, which the space ties together")
+                raise UserError(
+                    f"plan gives different settings to the linears of block {slot.block}{' group ' + slot.group if slot.group else ''}, which the space ties together"
+                )
             lq = settings.pop()
             for p, v in ((slot.bits, lq.bits), (slot.group_size, lq.group_size)):
                 if v not in p.values:
@@ -188,7 +190,7 @@ def load_space_json(path: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise UserError(f"parameter space {p} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from err
     if not isinstance(spec, dict):
-        raise UserError(f"parameter space {p} must be a JSON object with a \"parameters\" list")
+        raise UserError(f'parameter space {p} must be a JSON object with a "parameters" list')
     return spec
 
 
@@ -202,11 +204,11 @@ def _groups(spec: Mapping[str, Any], layers: ModelLayers, source: str) -> dict[i
     if gran == "linear":
         return {b: {li.name: (li.fqn,) for li in lis} for b, lis in block_linears.items()}
     if not isinstance(gran, list) or not gran:
-        raise _err(source, f"granularity must be \"block\", \"linear\" or a non-empty list of {{\"name\", \"regex\"}} groups, got {gran!r}")
+        raise _err(source, f'granularity must be "block", "linear" or a non-empty list of {{"name", "regex"}} groups, got {gran!r}')
     compiled = []
     for i, g in enumerate(gran):
         if not isinstance(g, dict) or not isinstance(g.get("name"), str) or not isinstance(g.get("regex"), str) or not g["name"]:
-            raise _err(source, f"granularity[{i}] must be {{\"name\": str, \"regex\": str}}, got {g!r}")
+            raise _err(source, f'granularity[{i}] must be {{"name": str, "regex": str}}, got {g!r}')
         try:
             compiled.append((g["name"], re.compile(g["regex"])))
         except re.error as err:
@@ -217,7 +219,10 @@ def _groups(spec: Mapping[str, Any], layers: ModelLayers, source: str) -> dict[i
         for li in lis:
             hits = [name for name, rx in compiled if rx.fullmatch(li.name)]
             if not hits:
-                raise _err(source, f"linear {li.fqn} (block-relative name {li.name!r}) matches no granularity group; add a group such as {{\"name\": \"rest\", \"regex\": \".*\"}}")
+                raise _err(
+                    source,
+                    f'linear {li.fqn} (block-relative name {li.name!r}) matches no granularity group; add a group such as {{"name": "rest", "regex": ".*"}}',
+                )
             if len(hits) > 1:
                 raise _err(source, f"linear {li.fqn} matches several granularity groups {hits}; make the regexes disjoint")
             groups.setdefault(hits[0], []).append(li.fqn)
@@ -225,17 +230,20 @@ def _groups(spec: Mapping[str, Any], layers: ModelLayers, source: str) -> dict[i
         out[b] = {name: tuple(fqns) for name, fqns in groups.items()}
     unused = [n for n, u in used.items() if not u]
     if unused:
-        raise _err(source, f"granularity group regex {unused[0]!r} matches no layer of the model (linear names look like {layers.linears[0].name!r})")
+        raise _err(
+            source,
+            f"granularity group regex {unused[0]!r} matches no layer of the model (linear names look like {layers.linears[0].name!r})",
+        )
     return out
 
 
 def build_space(spec: Mapping[str, Any], layers: ModelLayers, source: str = "<space>") -> SearchSpace:
     """Validate a space spec against the model's layers and build the SearchSpace."""
     if not isinstance(spec.get("parameters"), list) or not spec["parameters"]:
-        raise _err(source, "needs a non-empty \"parameters\" list")
+        raise _err(source, 'needs a non-empty "parameters" list')
     symmetric = spec.get("symmetric", False)
     if not isinstance(symmetric, bool):
-        raise _err(source, f"\"symmetric\" must be true or false, got {symmetric!r}")
+        raise _err(source, f'"symmetric" must be true or false, got {symmetric!r}')
     groups = _groups(spec, layers, source)
     by_kind: dict[str, dict[tuple[int, str], SpaceParam]] = {}
     for pi, pspec in enumerate(spec["parameters"]):
@@ -244,7 +252,7 @@ def build_space(spec: Mapping[str, Any], layers: ModelLayers, source: str = "<sp
         pname = pspec.get("name")
         kind = "bits" if pname in BITS_NAMES else "group_size" if pname in GROUP_NAMES else None
         if kind is None:
-            raise _err(source, f"parameters[{pi}] has name {pname!r}; use \"bitwidth\" or \"groupsize\"")
+            raise _err(source, f'parameters[{pi}] has name {pname!r}; use "bitwidth" or "groupsize"')
         if kind in by_kind:
             raise _err(source, f"parameter {pname!r} is defined twice")
         fmt = pspec.get("name_format", f"{pname}.{{i}}." if spec.get("granularity", "block") == "block" else f"{pname}.{{i}}.{{group}}")
@@ -252,34 +260,41 @@ def build_space(spec: Mapping[str, Any], layers: ModelLayers, source: str = "<sp
             raise _err(source, f"parameter {pname!r}: name_format must contain {{i}}, got {fmt!r}")
         needs_group = spec.get("granularity", "block") != "block"
         if needs_group != ("{group}" in fmt):
-            raise _err(source, f"parameter {pname!r}: name_format {fmt!r} must {'contain' if needs_group else 'not contain'} {{group}} with granularity {spec.get('granularity', 'block')!r}")
+            raise _err(
+                source,
+                f"parameter {pname!r}: name_format {fmt!r} must {'contain' if needs_group else 'not contain'} {{group}} with granularity {spec.get('granularity', 'block')!r}",
+            )
         entries = pspec.get("layers")
         if not isinstance(entries, list) or not entries:
-            raise _err(source, f"parameter {pname!r} needs a non-empty \"layers\" list")
+            raise _err(source, f'parameter {pname!r} needs a non-empty "layers" list')
         assigned: dict[tuple[int, str], SpaceParam] = {}
         for ei, e in enumerate(entries):
             where = f"parameter {pname!r} layers[{ei}]"
             if not isinstance(e, dict):
                 raise _err(source, f"{where} must be an object")
             rng = e.get("range")
-            if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in rng)) or rng[0] < 0 or rng[0] >= rng[1]:
+            if (
+                not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in rng))
+                or rng[0] < 0
+                or rng[0] >= rng[1]
+            ):
                 raise _err(source, f"{where}: range must be [start, end) with 0 <= start < end, got {rng!r}")
             if rng[1] > layers.n_blocks:
                 raise _err(source, f"{where}: range {rng} goes past the model's {layers.n_blocks} blocks (valid: 0..{layers.n_blocks})")
             etype = e.get("type")
             if etype == "fixed":
                 if "value" not in e:
-                    raise _err(source, f"{where}: a fixed entry needs \"value\"")
+                    raise _err(source, f'{where}: a fixed entry needs "value"')
                 values: tuple[int, ...] = (e["value"],)
             elif etype == "choice":
                 vals = e.get("values")
                 if not isinstance(vals, list) or not vals:
-                    raise _err(source, f"{where}: a choice entry needs a non-empty \"values\" list")
+                    raise _err(source, f'{where}: a choice entry needs a non-empty "values" list')
                 if len(set(vals)) != len(vals):
                     raise _err(source, f"{where}: values {vals} repeat an entry")
                 values = tuple(vals)
             else:
-                raise _err(source, f"{where}: type must be \"fixed\" or \"choice\", got {etype!r}")
+                raise _err(source, f'{where}: type must be "fixed" or "choice", got {etype!r}')
             for v in values:
                 if isinstance(v, bool) or not isinstance(v, int):
                     raise _err(source, f"{where}: value {v!r} is not an integer")
@@ -289,16 +304,26 @@ def build_space(spec: Mapping[str, Any], layers: ModelLayers, source: str = "<sp
                     raise _err(source, f"{where}: {err}") from None
             only = e.get("groups")
             if only is not None and (not isinstance(only, list) or not all(isinstance(x, str) for x in only)):
-                raise _err(source, f"{where}: \"groups\" must be a list of group names")
+                raise _err(source, f'{where}: "groups" must be a list of group names')
             for b in range(rng[0], rng[1]):
                 for gname in groups[b]:
                     if only is not None and gname not in only:
                         continue
                     key = (b, gname)
                     if key in assigned:
-                        raise _err(source, f"{where}: block {b}{' group ' + repr(gname) if gname else ''} is already covered by another range (ranges overlap)")
+                        raise _err(
+                            source,
+                            f"{where}: block {b}{' group ' + repr(gname) if gname else ''} is already covered by another range (ranges overlap)",
+                        )
                     name = fmt.format(i=b, group=gname)
-                    assigned[key] = SpaceParam(name, kind, b, gname, tuple(sorted(values, key=_order)) if etype == "choice" else values, etype == "fixed" or len(values) == 1)
+                    assigned[key] = SpaceParam(
+                        name,
+                        kind,
+                        b,
+                        gname,
+                        tuple(sorted(values, key=_order)) if etype == "choice" else values,
+                        etype == "fixed" or len(values) == 1,
+                    )
         if only_groups := [g for e in entries if isinstance(e, dict) for g in (e.get("groups") or [])]:
             known = {g for gs in groups.values() for g in gs}
             bad = [g for g in only_groups if g not in known]
@@ -307,23 +332,29 @@ def build_space(spec: Mapping[str, Any], layers: ModelLayers, source: str = "<sp
         missing = [(b, g) for b in range(layers.n_blocks) for g in groups[b] if (b, g) not in assigned]
         if missing:
             b, g = missing[0]
-            raise _err(source, f"parameter {pname!r} does not cover block {b}{' group ' + repr(g) if g else ''} ({len(missing)} uncovered); ranges must cover blocks 0..{layers.n_blocks - 1}")
+            raise _err(
+                source,
+                f"parameter {pname!r} does not cover block {b}{' group ' + repr(g) if g else ''} ({len(missing)} uncovered); ranges must cover blocks 0..{layers.n_blocks - 1}",
+            )
         names = [p.name for p in assigned.values()]
         if len(set(names)) != len(names):
             raise _err(source, f"parameter {pname!r}: name_format {fmt!r} gives the same name to two slots")
         by_kind[kind] = assigned
     if set(by_kind) != {"bits", "group_size"}:
-        raise _err(source, "needs both a \"bitwidth\" and a \"groupsize\" parameter")
+        raise _err(source, 'needs both a "bitwidth" and a "groupsize" parameter')
     infos = layers.by_fqn()
     slots = []
     for b in range(layers.n_blocks):
         for gname, fqns in groups[b].items():
             bp, gp = by_kind["bits"][(b, gname)], by_kind["group_size"][(b, gname)]
-            for g in gp.values:
+            for gsize in gp.values:
                 for fqn in fqns:
                     inf = infos[fqn].in_features
-                    if g != PER_CHANNEL and inf % g:
-                        raise _err(source, f"groupsize {g} ({gp.name}) does not divide in_features={inf} of {fqn}; ragged groups are rejected: use divisors of {inf} or -1")
+                    if gsize != PER_CHANNEL and inf % gsize:
+                        raise _err(
+                            source,
+                            f"groupsize {gsize} ({gp.name}) does not divide in_features={inf} of {fqn}; ragged groups are rejected: use divisors of {inf} or -1",
+                        )
             slots.append(Slot(b, gname, fqns, bp, gp))
     all_names = [n for s in slots for n in (s.bits.name, s.group_size.name)]
     if len(set(all_names)) != len(all_names):
@@ -339,7 +370,9 @@ def load_space(path: str | Path, layers: ModelLayers) -> SearchSpace:
     return build_space(load_space_json(path), layers, str(path))
 
 
-def default_space_spec(layers: ModelLayers, bits: Sequence[int] = (2, 3, 4, 5, 6, 8), group_sizes: Sequence[int] | None = None) -> dict[str, Any]:
+def default_space_spec(
+    layers: ModelLayers, bits: Sequence[int] = (2, 3, 4, 5, 6, 8), group_sizes: Sequence[int] | None = None
+) -> dict[str, Any]:
     """A per-block space over every block, with group sizes that divide every layer's in_features."""
     if group_sizes is None:
         ins = {li.in_features for li in layers.linears}
@@ -348,7 +381,11 @@ def default_space_spec(layers: ModelLayers, bits: Sequence[int] = (2, 3, 4, 5, 6
     return {
         "parameters": [
             {"name": "bitwidth", "name_format": "bitwidth.{i}.", "layers": [{"range": [0, n], "type": "choice", "values": list(bits)}]},
-            {"name": "groupsize", "name_format": "groupsize.{i}.", "layers": [{"range": [0, n], "type": "choice", "values": list(group_sizes)}]},
+            {
+                "name": "groupsize",
+                "name_format": "groupsize.{i}.",
+                "layers": [{"range": [0, n], "type": "choice", "values": list(group_sizes)}],
+            },
         ]
     }
 
@@ -364,7 +401,7 @@ def load_initial_samples(path: str | Path, space: SearchSpace) -> list[dict[str,
         raise UserError(f"initial samples {p} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from err
     samples = obj.get("initial_samples") if isinstance(obj, dict) else None
     if not isinstance(samples, list):
-        raise UserError(f"initial samples {p} must be {{\"initial_samples\": [{{...}}, ...]}}")
+        raise UserError(f'initial samples {p} must be {{"initial_samples": [{{...}}, ...]}}')
     out = []
     for i, s in enumerate(samples):
         if not isinstance(s, dict):
@@ -374,8 +411,73 @@ def load_initial_samples(path: str | Path, space: SearchSpace) -> list[dict[str,
     return out
 
 
-def write_initial_samples(path: str | Path, samples: Sequence[Mapping[str, int]], space: SearchSpace, extra: Mapping[str, Any] | None = None) -> None:
+def write_initial_samples(
+    path: str | Path, samples: Sequence[Mapping[str, int]], space: SearchSpace, extra: Mapping[str, Any] | None = None
+) -> None:
     """Write seed-format samples (fixed values included, as the original tool's files have them)."""
     rows = [space.complete(s) for s in samples]
     payload = {"initial_samples": rows, **(extra or {})}
     Path(path).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# Ax encodings (names are built here and nowhere else)
+# ---------------------------------------------------------------------------------------------
+
+#: ``relaxed``: ordered integer choices in Ax, optimised by BoTorch as a continuous relaxation
+#: (rounded back to valid choices); ``choice``: the same parameters with Ax's exact discrete local
+#: search (minutes per proposal at a few hundred parameters); ``float``: floats in [0, 1] binned
+#: to choices outside Ax.
+ENCODINGS = ("relaxed", "choice", "float")
+
+
+@dataclass(frozen=True)
+class AxParam:
+    """A plain description of one Ax parameter (the driver turns it into an Ax config)."""
+
+    name: str
+    kind: str  # "choice" (ordered int values) or "float" (range [0, 1])
+    values: tuple[int, ...]
+
+
+def resolve_encoding(space: SearchSpace, encoding: str) -> str:
+    if encoding == "auto":
+        return "relaxed"
+    if encoding not in ENCODINGS:
+        raise UserError(f"unknown encoding {encoding!r}: use {', '.join(ENCODINGS)}")
+    return encoding
+
+
+def ax_parameters(space: SearchSpace, encoding: str) -> list[AxParam]:
+    """``choice``: each tunable parameter is an ordered integer choice. ``float``: a float in [0, 1]
+    whose bin (``floor(x * n)``) picks the n-th value; bins keep the values' order."""
+    kind = "float" if encoding == "float" else "choice"
+    return [AxParam(p.name, kind, p.values) for p in space.tunable]
+
+
+def to_ax(space: SearchSpace, values: Mapping[str, int], encoding: str) -> dict[str, int | float]:
+    """Tunable parameter values -> Ax parameters (a float encodes a value as the centre of its bin)."""
+    params = space.params
+    out: dict[str, int | float] = {}
+    for name, v in values.items():
+        p = params[name]
+        if not p.is_tunable:
+            continue
+        if encoding == "float":
+            out[name] = (p.values.index(int(v)) + 0.5) / len(p.values)
+        else:
+            out[name] = int(v)
+    return out
+
+
+def from_ax(space: SearchSpace, ax_values: Mapping[str, Any], encoding: str) -> dict[str, int]:
+    """Ax parameters -> tunable parameter values."""
+    out: dict[str, int] = {}
+    for p in space.tunable:
+        raw = ax_values[p.name]
+        if encoding == "float":
+            idx = min(len(p.values) - 1, max(0, int(float(raw) * len(p.values))))
+            out[p.name] = p.values[idx]
+        else:
+            out[p.name] = int(raw)
+    return out

@@ -75,7 +75,9 @@ class ModelContext:
         self.size_model = SizeModel(self.model, self.layers, self.scheme, cfg.fp_dtype)
         self.corpus = load_corpus(cfg.eval_text)
         self.search_windows = split_windows(self.tok, self.corpus, "search", cfg.eval_tokens, cfg.max_seqlen)
-        self.heldout_windows = split_windows(self.tok, self.corpus, "test", cfg.heldout_tokens, cfg.max_seqlen) if heldout and cfg.heldout_tokens > 0 else None
+        self.heldout_windows = (
+            split_windows(self.tok, self.corpus, "test", cfg.heldout_tokens, cfg.max_seqlen) if heldout and cfg.heldout_tokens > 0 else None
+        )
         self.load_s = time.perf_counter() - t0
 
     @classmethod
@@ -104,7 +106,9 @@ class ModelContext:
         t1 = time.perf_counter()
         try:
             ppl = perplexity(self.model, self.search_windows, self.cfg.batch_size)
-            held = perplexity(self.model, self.heldout_windows, self.cfg.batch_size) if heldout and self.heldout_windows is not None else None
+            held = (
+                perplexity(self.model, self.heldout_windows, self.cfg.batch_size) if heldout and self.heldout_windows is not None else None
+            )
         finally:
             t2 = time.perf_counter()
             self.applier.restore()

@@ -31,9 +31,7 @@ class LayerQuant:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
             raise UserError(f"bitwidth must be an integer, got {self.bits!r}")
         if self.bits not in VALID_BITS:
-            raise UserError(
-                f"bitwidth {self.bits} is not allowed: use 1..8, or {FULL_PRECISION_BITS} to leave a layer unquantized"
-            )
+            raise UserError(f"bitwidth {self.bits} is not allowed: use 1..8, or {FULL_PRECISION_BITS} to leave a layer unquantized")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
             raise UserError(f"groupsize must be an integer, got {self.group_size!r}")
         if self.group_size != PER_CHANNEL and self.group_size < 1:
@@ -64,7 +62,7 @@ class LayerQuant:
                 symmetric=bool(obj.get("symmetric", False)),
             )
         except (KeyError, TypeError, AttributeError) as err:
-            raise UserError(f"a layer setting must look like {{\"bits\": 4, \"group_size\": 64}}, got {obj!r}") from err
+            raise UserError(f'a layer setting must look like {{"bits": 4, "group_size": 64}}, got {obj!r}') from err
 
 
 FULL_PRECISION = LayerQuant(FULL_PRECISION_BITS, PER_CHANNEL)

@@ -60,7 +60,24 @@ def _cli(*args, env=None):
 
 def test_cli_table_and_json(tiny_llama, tmp_path):
     out = tmp_path / "r.json"
-    r = _cli("--checkpoint", str(tiny_llama), "--eval_text", "pydoc", "--eval_tokens", "128", "--heldout_tokens", "128", "--max_seqlen", "64", "--uniform", "fp", "8:32", "2:32", "--output", str(out))
+    r = _cli(
+        "--checkpoint",
+        str(tiny_llama),
+        "--eval_text",
+        "pydoc",
+        "--eval_tokens",
+        "128",
+        "--heldout_tokens",
+        "128",
+        "--max_seqlen",
+        "64",
+        "--uniform",
+        "fp",
+        "8:32",
+        "2:32",
+        "--output",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     assert "uniform 8b/g32" in r.stdout and "model_size_gb" in r.stdout
     rows = json.loads(out.read_text())["results"]
@@ -97,5 +114,20 @@ def test_cli_short_text_and_unknown_task(tiny_llama, tmp_path):
     short.write_text("\n\n".join(f"Paragraph {i} is short." for i in range(30)))
     r = _cli("--checkpoint", str(tiny_llama), "--eval_text", str(short), "--max_seqlen", "512", "--uniform", "fp")
     assert r.returncode == 2 and "fewer than one window of 512" in r.stderr and "Traceback" not in r.stderr
-    r = _cli("--checkpoint", str(tiny_llama), "--eval_text", "pydoc", "--max_seqlen", "64", "--eval_tokens", "64", "--heldout_tokens", "0", "--uniform", "fp", "--tasks", "no_such_task_xyz")
+    r = _cli(
+        "--checkpoint",
+        str(tiny_llama),
+        "--eval_text",
+        "pydoc",
+        "--max_seqlen",
+        "64",
+        "--eval_tokens",
+        "64",
+        "--heldout_tokens",
+        "0",
+        "--uniform",
+        "fp",
+        "--tasks",
+        "no_such_task_xyz",
+    )
     assert r.returncode == 2 and "unknown lm_eval task 'no_such_task_xyz'" in r.stderr and "Traceback" not in r.stderr

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from bo_search.quant import (
-    PlanApplier,
     QuantScheme,
     SizeModel,
     fake_quantize,
@@ -12,8 +11,8 @@ from bo_search.quant import (
     pack_bits,
     save_packed,
     torchao_fqn_config,
-    unpack_bits,
     uniform_plan,
+    unpack_bits,
 )
 from bo_search.types import LayerQuant, QuantPlan, UserError
 

@@ -167,15 +167,11 @@ def _child_env() -> dict[str, str]:
     """This environment minus the loopback variables, so only the script's own choice counts."""
     strip = set(loopback_env())
     env = {k: v for k, v in os.environ.items() if k not in strip}
-    env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")])
-    )
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return env
 
 
-def _run_traced(
-    strace: str, script: Path, mode: str, isolation: Isolation | None, trace_file: Path
-) -> subprocess.CompletedProcess[str]:
+def _run_traced(strace: str, script: Path, mode: str, isolation: Isolation | None, trace_file: Path) -> subprocess.CompletedProcess[str]:
     traced = [
         strace,
         "-f",
@@ -213,9 +209,7 @@ def _run_traced(
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()
-        pytest.fail(
-            f"traced Ray script ran over {RUN_TIMEOUT_S} s; output:\n{output[-4000:]}"
-        )
+        pytest.fail(f"traced Ray script ran over {RUN_TIMEOUT_S} s; output:\n{output[-4000:]}")
     return subprocess.CompletedProcess(command, proc.returncode, output, None)
 
 
@@ -251,9 +245,7 @@ def is_loopback(address: str) -> bool:
 
 def offending(calls: list[TraceCall]) -> list[TraceCall]:
     """Calls naming any non-loopback address; an unparsed IP call counts as offending."""
-    return [
-        c for c in calls if not c.addresses or not all(map(is_loopback, c.addresses))
-    ]
+    return [c for c in calls if not c.addresses or not all(map(is_loopback, c.addresses))]
 
 
 def _describe(calls: list[TraceCall], limit: int = 40) -> str:
@@ -264,16 +256,13 @@ def _describe(calls: list[TraceCall], limit: int = 40) -> str:
 
 
 @pytest.mark.slow
-def test_local_ray_stays_on_loopback(
-    script: Path, isolation: Isolation | None, tmp_path: Path
-) -> None:
+def test_local_ray_stays_on_loopback(script: Path, isolation: Isolation | None, tmp_path: Path) -> None:
     strace = _require_strace()
     trace_file = tmp_path / "ray.strace"
     result = _run_traced(strace, script, "apply", isolation, trace_file)
     where = isolation.description if isolation else "the normal network namespace"
     assert result.returncode == 0 and f"{ACTOR_MARK} 6" in result.stdout, (
-        f"traced Ray script failed (exit {result.returncode}) in {where}; output:\n"
-        f"{result.stdout[-4000:]}"
+        f"traced Ray script failed (exit {result.returncode}) in {where}; output:\n{result.stdout[-4000:]}"
     )
 
     calls = parse_trace(trace_file.read_text(errors="replace"))
@@ -290,20 +279,15 @@ def test_local_ray_stays_on_loopback(
 
 
 @pytest.mark.slow
-def test_negative_control_without_loopback_env_is_caught(
-    script: Path, isolation: Isolation | None, tmp_path: Path
-) -> None:
+def test_negative_control_without_loopback_env_is_caught(script: Path, isolation: Isolation | None, tmp_path: Path) -> None:
     """Without the environment Ray must show a non-loopback attempt: proof the test can fail."""
     strace = _require_strace()
     if isolation is None:
-        pytest.skip(
-            "no network namespace available; the control never runs un-isolated"
-        )
+        pytest.skip("no network namespace available; the control never runs un-isolated")
     trace_file = tmp_path / "ray-no-env.strace"
     result = _run_traced(strace, script, "no-env", isolation, trace_file)
     assert result.returncode == 0 and f"{ACTOR_MARK} 6" in result.stdout, (
-        f"control script failed (exit {result.returncode}) in {isolation.description}; output:\n"
-        f"{result.stdout[-4000:]}"
+        f"control script failed (exit {result.returncode}) in {isolation.description}; output:\n{result.stdout[-4000:]}"
     )
     calls = parse_trace(trace_file.read_text(errors="replace"))
     bad = [c for c in offending(calls) if c.syscall != "bind"]
@@ -330,14 +314,8 @@ def test_trace_parser_and_loopback_rules() -> None:
     calls = parse_trace(trace)
     assert [c.syscall for c in calls] == ["connect", "connect", "bind", "sendto"]
     assert [c.addresses for c in offending(calls)] == [("8.8.8.8",), ("::",)]
-    assert (
-        is_loopback("::1")
-        and is_loopback("127.255.0.1")
-        and is_loopback("::ffff:127.0.0.2")
-    )
-    assert not any(
-        map(is_loopback, ["10.0.0.1", "0.0.0.0", "::", "::ffff:10.0.0.1", "x"])
-    )
+    assert is_loopback("::1") and is_loopback("127.255.0.1") and is_loopback("::ffff:127.0.0.2")
+    assert not any(map(is_loopback, ["10.0.0.1", "0.0.0.0", "::", "::ffff:10.0.0.1", "x"]))
 
 
 def test_apply_loopback_env_forces_values_and_returns_previous() -> None:
@@ -360,9 +338,7 @@ def test_apply_loopback_env_refuses_after_ray_import(
     monkeypatch.setitem(sys.modules, "ray._private.ray_constants", stale)
     with pytest.raises(RuntimeError, match="before"):
         apply_loopback_env()
-    assert (
-        apply_loopback_env({}) is not None
-    )  # a separate mapping (child env) is always fine
+    assert apply_loopback_env({}) is not None  # a separate mapping (child env) is always fine
 
 
 def test_local_init_kwargs() -> None:

@@ -9,7 +9,11 @@ from bo_search.types import LayerQuant, QuantPlan, UserError
 
 SEED = {
     "parameters": [
-        {"name": "bitwidth", "name_format": "bitwidth.{i}.", "layers": [{"range": [0, 3], "type": "fixed", "value": 5}, {"range": [3, 30], "type": "choice", "values": [2, 3, 4, 5, 6, 8]}]},
+        {
+            "name": "bitwidth",
+            "name_format": "bitwidth.{i}.",
+            "layers": [{"range": [0, 3], "type": "fixed", "value": 5}, {"range": [3, 30], "type": "choice", "values": [2, 3, 4, 5, 6, 8]}],
+        },
         {"name": "groupsize", "name_format": "groupsize.{i}.", "layers": [{"range": [0, 30], "type": "choice", "values": [32, 64, 192]}]},
     ]
 }
@@ -42,7 +46,9 @@ def test_round_trip_plan_params():
     assert len(plan) == 210
     assert space.encode(plan) == params
     # every linear of block 7 shares the block's setting
-    assert {plan[f"model.layers.7.{n}"] for n in ("self_attn.q_proj", "mlp.down_proj")} == {LayerQuant(params["bitwidth.7."], params["groupsize.7."])}
+    assert {plan[f"model.layers.7.{n}"] for n in ("self_attn.q_proj", "mlp.down_proj")} == {
+        LayerQuant(params["bitwidth.7."], params["groupsize.7."])
+    }
     assert QuantPlan.loads(plan.dumps()) == plan
 
 
@@ -61,7 +67,10 @@ def test_groups_restricted_entries():
     spec["granularity"] = [{"name": "attn", "regex": r"self_attn\..*"}, {"name": "mlp", "regex": r"mlp\..*"}]
     spec["parameters"][0]["name_format"] = "bitwidth.{i}.{group}"
     spec["parameters"][1]["name_format"] = "groupsize.{i}.{group}"
-    spec["parameters"][0]["layers"] = [{"range": [0, 30], "type": "fixed", "value": 8, "groups": ["attn"]}, {"range": [0, 30], "type": "choice", "values": [3, 4], "groups": ["mlp"]}]
+    spec["parameters"][0]["layers"] = [
+        {"range": [0, 30], "type": "fixed", "value": 8, "groups": ["attn"]},
+        {"range": [0, 30], "type": "choice", "values": [3, 4], "groups": ["mlp"]},
+    ]
     space = build_space(spec, smollm2())
     assert space.params["bitwidth.0.attn"].fixed
     assert space.params["bitwidth.0.mlp"].values == (3, 4)
@@ -90,14 +99,20 @@ def _with(mutate):
         (lambda s: s["parameters"][0]["layers"][1].__setitem__("range", [3, 31]), "goes past the model's 30 blocks"),
         (lambda s: s["parameters"][0]["layers"][1].__setitem__("range", [2, 30]), "ranges overlap"),
         (lambda s: s["parameters"][0]["layers"][1].__setitem__("range", [4, 30]), "does not cover block 3"),
-        (lambda s: s["parameters"][0]["layers"][1].__setitem__("values", []), "non-empty \"values\""),
+        (lambda s: s["parameters"][0]["layers"][1].__setitem__("values", []), 'non-empty "values"'),
         (lambda s: s["parameters"][0]["layers"][1].__setitem__("values", [4, 9]), "bitwidth 9 is not allowed"),
         (lambda s: s["parameters"][0]["layers"][1].__setitem__("values", [0, 4]), "bitwidth 0 is not allowed"),
-        (lambda s: s["parameters"][1]["layers"][0].__setitem__("values", [64, 128]), "groupsize 128 (groupsize.0.) does not divide in_features=576"),
-        (lambda s: s.__setitem__("granularity", [{"name": "x", "regex": "nothing_here"}, {"name": "all", "regex": ".*"}]), "regex 'x' matches no layer"),
+        (
+            lambda s: s["parameters"][1]["layers"][0].__setitem__("values", [64, 128]),
+            "groupsize 128 (groupsize.0.) does not divide in_features=576",
+        ),
+        (
+            lambda s: s.__setitem__("granularity", [{"name": "x", "regex": "nothing_here"}, {"name": "all", "regex": ".*"}]),
+            "regex 'x' matches no layer",
+        ),
         (lambda s: s.__setitem__("granularity", [{"name": "attn", "regex": "self_attn.*"}]), "matches no granularity group"),
-        (lambda s: s["parameters"][0].__setitem__("name", "bitz"), "use \"bitwidth\" or \"groupsize\""),
-        (lambda s: s["parameters"][0]["layers"][0].__setitem__("type", "range"), "type must be \"fixed\" or \"choice\""),
+        (lambda s: s["parameters"][0].__setitem__("name", "bitz"), 'use "bitwidth" or "groupsize"'),
+        (lambda s: s["parameters"][0]["layers"][0].__setitem__("type", "range"), 'type must be "fixed" or "choice"'),
         (lambda s: s["parameters"].pop(), "needs both"),
     ],
 )
@@ -150,3 +165,25 @@ def test_default_space_has_dividing_groups():
     spec = default_space_spec(smollm2())
     assert spec["parameters"][1]["layers"][0]["values"] == [32, 64, 192]
     build_space(spec, smollm2())
+
+
+@pytest.mark.parametrize("encoding", ["relaxed", "choice", "float"])
+def test_ax_encoding_round_trip(encoding):
+    from bo_search.space import ax_parameters, from_ax, to_ax
+
+    space = build_space(SEED, smollm2())
+    params = {p.name: p.values[(3 * i) % len(p.values)] for i, p in enumerate(space.tunable)}
+    ax = to_ax(space, params, encoding)
+    assert from_ax(space, ax, encoding) == params
+    kinds = {a.kind for a in ax_parameters(space, encoding)}
+    assert kinds == ({"float"} if encoding == "float" else {"choice"})
+    if encoding == "float":
+        assert all(0 < v < 1 for v in ax.values())
+        # every float in a value's bin decodes to that value
+        p = space.tunable[0]
+        assert [from_ax(space, {**ax, p.name: x}, "float")[p.name] for x in (0.0, 0.17, 0.99, 1.0)] == [
+            p.values[0],
+            p.values[1],
+            p.values[-1],
+            p.values[-1],
+        ]

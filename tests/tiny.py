@@ -9,13 +9,16 @@ import torch
 
 def train_tokenizer(out: Path, vocab_size: int = 384):
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<bos>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<bos>", "<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(list(topics.values()), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>")
     fast.save_pretrained(str(out))
@@ -27,13 +30,35 @@ def make_config(arch: str, vocab: int, n_layers: int = 2):
 
     common = dict(vocab_size=vocab, num_hidden_layers=n_layers, max_position_embeddings=256)
     if arch == "llama":
-        return LlamaConfig(hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, **common)
+        return LlamaConfig(
+            hidden_size=64,
+            intermediate_size=192,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            bos_token_id=0,
+            eos_token_id=1,
+            **common,
+        )
     if arch == "qwen2":
-        return Qwen2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=1, **common)
+        return Qwen2Config(
+            hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=1, **common
+        )
     if arch == "gpt_neox":
         return GPTNeoXConfig(hidden_size=64, intermediate_size=256, num_attention_heads=4, bos_token_id=0, eos_token_id=1, **common)
     if arch == "opt":
-        return OPTConfig(hidden_size=64, ffn_dim=128, num_attention_heads=4, word_embed_proj_dim=64, vocab_size=vocab, num_hidden_layers=n_layers, max_position_embeddings=256, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+        return OPTConfig(
+            hidden_size=64,
+            ffn_dim=128,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            vocab_size=vocab,
+            num_hidden_layers=n_layers,
+            max_position_embeddings=256,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
     raise ValueError(arch)
 
 

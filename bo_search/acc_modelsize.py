@@ -1,0 +1,89 @@
+"""``python -m bo_search.acc_modelsize``: lowest perplexity under a model size limit.
+
+Each trial quantizes the model held by a Ray worker with a per-layer plan proposed by Ax, and
+scores its perplexity on the search split. Sizes are exact (GB = 1e9 bytes) and known before any
+evaluation: a proposal over the limit is never evaluated (see bo_search.driver).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from bo_search import cli, runner
+from bo_search.types import UserError
+
+DEFAULT_AVG_BITS = 4.25
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bo_search.acc_modelsize",
+        description="Bayesian-optimisation search for the per-layer (bitwidth, groupsize) plan with the lowest perplexity "
+        "whose size fits a limit. Resumes from its CSV history.",
+    )
+    g = p.add_argument_group("budget")
+    g.add_argument(
+        "--model_size_constraint",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="size limit in GB (1e9 bytes; the original tool divided by 1024^3): quantized codes + per-group scales/zeros + every "
+        f"unquantized tensor. Default: the size at --avg_bits {DEFAULT_AVG_BITS}",
+    )
+    g.add_argument(
+        "--avg_bits",
+        type=float,
+        default=None,
+        help=f"size limit as average bits per quantized weight, scales and zero points included (default {DEFAULT_AVG_BITS} when no --model_size_constraint)",
+    )
+    runner.add_search_args(p, default_history="runs/acc_modelsize_history.csv")
+    return p
+
+
+def size_limit(setup: runner.Setup, size_gb: float | None, avg_bits: float | None) -> float:
+    if size_gb is not None and avg_bits is not None:
+        raise UserError("give either --model_size_constraint or --avg_bits, not both")
+    if size_gb is None:
+        bits = DEFAULT_AVG_BITS if avg_bits is None else avg_bits
+        if bits <= 0:
+            raise UserError(f"--avg_bits must be positive, got {bits}")
+        n = sum(li.numel for li in setup.layers.linears)
+        size_gb = (setup.size_model.other_bits + n * bits) / 8 / 1e9
+    if size_gb <= 0:
+        raise UserError(f"--model_size_constraint must be positive, got {size_gb}")
+    if size_gb < setup.min_gb:
+        raise UserError(
+            f"size limit {size_gb:.6g} GB is below the smallest plan of the space ({setup.min_gb:.6g} GB): no configuration can fit; raise the limit"
+        )
+    if size_gb >= setup.fp_gb:
+        raise UserError(
+            f"size limit {size_gb:.6g} GB is not below the full-precision size ({setup.fp_gb:.6g} GB): nothing to search; pick a smaller limit"
+        )
+    return size_gb
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run_main(_main, build_parser(), argv)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from bo_search.driver import Goal
+
+    setup = runner.prepare(args, "modelsize")
+    limit = size_limit(setup, args.model_size_constraint, args.avg_bits)
+    n = sum(li.numel for li in setup.layers.linears)
+    avg = (limit * 8e9 - setup.size_model.other_bits) / n
+    print(
+        f"size limit {limit:.6g} GB ({avg:.3f} avg bits per quantized weight); space spans {setup.min_gb:.6g}-{setup.max_gb:.6g} GB; full precision {setup.fp_gb:.6g} GB"
+    )
+    if limit >= setup.max_gb:
+        print("note: every plan of the space fits this limit, so it does not bind")
+    goal = Goal(objective="nll", minimize=True, constraint_metric="model_size_gb", limit=limit, search="modelsize")
+    seeds = runner.seeds_for(setup, args.initial_samples, limit)
+    return runner.run_search(setup, goal, seeds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

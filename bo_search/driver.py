@@ -1,0 +1,478 @@
+"""The search driver: owns the Ax ``Client``, attaches seeds and history, keeps the workers fed.
+
+Imports neither torch nor ray: the pool is passed in.
+
+How a search runs
+-----------------
+- One *proposal thread* makes every Ax call. It keeps one ready proposal per worker queued, so a
+  worker that finishes gets its next trial at once while the next proposal is being computed
+  (asynchronous BO: queued and running trials are pending points for the acquisition function).
+- The *main thread* dispatches proposals to idle workers, collects results, writes the CSV row of
+  each trial as it ends, and hands the result to the proposal thread to complete in Ax.
+- The size limit is checked before dispatch. Size is exact and known without evaluating, so a
+  proposal over the limit is never evaluated: it is completed in Ax with only its exact size (so
+  the size model learns the boundary) and recorded as ``infeasible``. The limit is also an Ax
+  outcome constraint, so proposals concentrate on feasible plans.
+- Seeds (initial samples) go first, attached to Ax as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from bo_search.history import HistoryRow, HistoryWriter
+from bo_search.space import SearchSpace, ax_parameters, from_ax, to_ax
+from bo_search.types import QuantPlan, TrialResult, UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Goal:
+    """What the search optimises and under which constraint."""
+
+    objective: str  # Ax metric name: "nll" (minimised) or "throughput" (maximised)
+    minimize: bool
+    constraint_metric: str  # "model_size_gb" or "ppl"
+    limit: float  # constraint: metric <= limit
+    search: str  # modelsize | throughput | pareto (recorded in the CSV)
+
+
+@dataclass(frozen=True)
+class DriverConfig:
+    encoding: str = "relaxed"
+    num_restarts: int = 4
+    raw_samples: int = 256
+    n_sobol: int = 4
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_restarts < 1 or self.raw_samples < 1:
+            raise UserError("--num_restarts and --raw_samples must be positive")
+        if self.n_sobol < 0:
+            raise UserError("--n_sobol must be zero or positive")
+
+
+def make_generation_strategy(cfg: DriverConfig) -> Any:
+    """Sobol for ``n_sobol`` trials (beyond attached seeds and history), then BoTorch with a cheap
+    acquisition optimiser (``num_restarts``/``raw_samples``; Ax's defaults cost minutes per proposal)."""
+    from ax.adapter.registry import Generators
+    from ax.core.trial_status import TrialStatus
+    from ax.generation_strategy.generation_node import GenerationNode
+    from ax.generation_strategy.generation_strategy import GenerationStrategy
+    from ax.generation_strategy.generator_spec import GeneratorSpec
+    from ax.generation_strategy.transition_criterion import MinTrials
+
+    gen_kwargs = {"model_gen_options": {"optimizer_kwargs": {"num_restarts": cfg.num_restarts, "raw_samples": cfg.raw_samples}}}
+    model_kwargs: dict[str, Any] = {}
+    if cfg.encoding == "relaxed":
+        from ax.adapter.registry import Cont_X_trans, Y_trans
+
+        # Choice parameters relaxed to a continuous box for the acquisition optimiser (and rounded
+        # back): 1-3 s per proposal at 60-420 parameters instead of minutes of discrete local search.
+        model_kwargs["transforms"] = Cont_X_trans + Y_trans
+    mbm = GenerationNode(
+        name="BO",
+        generator_specs=[
+            GeneratorSpec(generator_enum=Generators.BOTORCH_MODULAR, generator_kwargs=model_kwargs, generator_gen_kwargs=gen_kwargs)
+        ],
+        should_deduplicate=True,
+    )
+    if cfg.n_sobol == 0:
+        return GenerationStrategy(name="BO", nodes=[mbm])
+    sobol = GenerationNode(
+        name="Sobol",
+        generator_specs=[GeneratorSpec(generator_enum=Generators.SOBOL, generator_kwargs={"seed": cfg.seed})],
+        transition_criteria=[
+            MinTrials(
+                threshold=cfg.n_sobol,
+                transition_to="BO",
+                use_all_trials_in_exp=True,
+                not_in_statuses=[TrialStatus.FAILED, TrialStatus.ABANDONED],
+            )
+        ],
+        should_deduplicate=True,
+    )
+    return GenerationStrategy(name=f"Sobol{cfg.n_sobol}+BO", nodes=[sobol, mbm])
+
+
+DETERMINISTIC_METRICS = ("nll", "ppl")
+
+
+class AxDriver:
+    """A thin wrapper over the Ax ``Client`` speaking in tunable-parameter dicts."""
+
+    def __init__(self, space: SearchSpace, goal: Goal, cfg: DriverConfig):
+        import warnings
+
+        from ax.api.client import Client
+        from ax.api.configs import ChoiceParameterConfig, RangeParameterConfig
+        from ax.utils.common.logger import set_ax_logger_levels
+
+        set_ax_logger_levels(logging.ERROR)  # e.g. the expected 'missing metrics' of over-limit proposals
+        warnings.filterwarnings("ignore", module="ax")
+        warnings.filterwarnings("ignore", module="botorch")
+        warnings.filterwarnings("ignore", module="linear_operator")
+        warnings.filterwarnings("ignore", module="gpytorch")
+        self.space, self.goal, self.cfg = space, goal, cfg
+        if not space.tunable:
+            raise UserError(f"parameter space {space.source} has no tunable parameter: every entry is fixed")
+        params: list[Any] = []
+        for ap in ax_parameters(space, cfg.encoding):
+            if ap.kind == "float":
+                params.append(RangeParameterConfig(name=ap.name, bounds=(0.0, 1.0), parameter_type="float"))
+            else:
+                params.append(ChoiceParameterConfig(name=ap.name, values=list(ap.values), parameter_type="int", is_ordered=True))
+        self.client = Client(random_seed=cfg.seed)
+        self.client.configure_experiment(parameters=params, name=f"bo_search-{goal.search}")
+        objective = ("-" if goal.minimize else "") + goal.objective
+        self.client.configure_optimization(objective=objective, outcome_constraints=[f"{goal.constraint_metric} <= {goal.limit!r}"])
+        self.client.set_generation_strategy(make_generation_strategy(cfg))
+
+    def attach(self, values: Mapping[str, int]) -> int:
+        return self.client.attach_trial(parameters=to_ax(self.space, values, self.cfg.encoding))
+
+    def propose(self) -> tuple[int, dict[str, int], str] | None:
+        """One new trial: (index, tunable values, generation node name), or None if Ax gave none."""
+        trials = self.client.get_next_trials(max_trials=1)
+        if not trials:
+            return None
+        idx, params = next(iter(trials.items()))
+        node = self.client._experiment.trials[idx].generator_runs[0]._generation_node_name or "?"
+        return idx, from_ax(self.space, params, self.cfg.encoding), node.lower()
+
+    def complete(self, index: int, data: Mapping[str, float | tuple[float, float | None]]) -> None:
+        raw = {k: (v if isinstance(v, tuple) else float(v)) for k, v in data.items()}
+        self.client.complete_trial(trial_index=index, raw_data=raw)  # type: ignore[arg-type]
+
+    def fail(self, index: int, reason: str) -> None:
+        self.client.mark_trial_failed(trial_index=index, failed_reason=reason)
+
+    def abandon(self, index: int) -> None:
+        self.client.mark_trial_abandoned(trial_index=index)
+
+
+class Pool(Protocol):
+    size: int
+
+    def idle(self) -> list[Any]: ...
+    def busy(self) -> list[Any]: ...
+    def submit(self, slot: Any, trial_index: int, plan: QuantPlan) -> float: ...
+    def wait(self, timeout: float) -> list[TrialResult]: ...
+    def cancel_all(self) -> list[int]: ...
+
+
+@dataclass
+class Proposal:
+    index: int
+    values: dict[str, int]
+    plan: QuantPlan
+    source: str
+    proposal_s: float
+    size_gb: float
+
+
+@dataclass
+class SearchStats:
+    evaluated: int = 0
+    completed: int = 0
+    failed: int = 0
+    infeasible: int = 0
+    abandoned: int = 0
+    proposal_s: list[float] = field(default_factory=list)
+    worker_idle_s: float = 0.0
+    worker_busy_s: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+    best: HistoryRow | None = None
+    stop_reason: str = ""
+
+    @property
+    def idle_fraction(self) -> float:
+        total = self.worker_idle_s + self.worker_busy_s
+        return self.worker_idle_s / total if total > 0 else 0.0
+
+
+class SearchStopped(Exception):
+    """The search stopped early for a reason the user must see (too many failures, ...)."""
+
+
+class Search:
+    """Runs trials until ``num_trials`` evaluations (completed + failed) exist, history included."""
+
+    def __init__(
+        self,
+        driver: AxDriver,
+        pool: Pool,
+        history: HistoryWriter,
+        size_gb: Callable[[QuantPlan], float],
+        row_defaults: Mapping[str, Any],
+        num_trials: int,
+        already_evaluated: int = 0,
+        seeds: Sequence[Mapping[str, int]] = (),
+        max_failure_rate: float = 0.5,
+        max_infeasible_streak: int = 200,
+        metrics_to_row: Callable[[TrialResult], dict[str, Any]] | None = None,
+        progress: Any = None,
+        on_result: Callable[[HistoryRow], None] | None = None,
+        fallback: Callable[[], dict[str, int]] | None = None,
+    ):
+        self.driver, self.pool, self.history = driver, pool, history
+        self.size_gb = size_gb
+        self.row_defaults = dict(row_defaults)
+        self.num_trials = num_trials
+        self.to_run = max(0, num_trials - already_evaluated)
+        self.seeds = list(seeds)
+        self.max_failure_rate = max_failure_rate
+        self.max_infeasible_streak = max_infeasible_streak
+        self.metrics_to_row = metrics_to_row or _default_metrics_to_row
+        self.stats = SearchStats()
+        self.progress = progress
+        self.on_result = on_result
+        self.fallback = fallback
+        self._ready: queue.Queue[Proposal] = queue.Queue()
+        self._results: queue.Queue[tuple[TrialResult, Proposal]] = queue.Queue()
+        self._stop = threading.Event()
+        self._assigned = 0  # proposals queued for evaluation (proposal thread only)
+        self._error: BaseException | None = None
+        self._inflight: dict[int, Proposal] = {}
+        #: CSV trial index = Ax index + offset, so resumed searches never reuse an index of the history
+        self.index_offset = 0
+        self._lock = threading.Lock()
+
+    # ---- proposal thread -------------------------------------------------------------------
+    def _proposal_loop(self) -> None:
+        try:
+            streak = 0
+            while not self._stop.is_set():
+                self._drain_results()
+                if self._assigned >= self.to_run or self._ready.qsize() >= self.pool.size:
+                    try:
+                        res, prop = self._results.get(timeout=0.05)
+                        self._complete_in_ax(res, prop)
+                    except queue.Empty:
+                        pass
+                    continue
+                prop = self._next_proposal()
+                if prop is None:
+                    self._stop_with("Ax produced no new configuration (the space may be exhausted)")
+                    return
+                if prop.size_gb > self.driver.goal.limit and self.driver.goal.constraint_metric == "model_size_gb":
+                    self.driver.complete(prop.index, {"model_size_gb": (prop.size_gb, 0.0)})
+                    self._record(prop, "infeasible", reason=f"size {prop.size_gb:.6g} GB over the limit; not evaluated")
+                    self.stats.infeasible += 1
+                    streak += 1
+                    if streak >= self.max_infeasible_streak:
+                        self._stop_with(
+                            f"{streak} proposals in a row were over the size limit; seed the search (--initial_samples) or raise the limit"
+                        )
+                        return
+                    continue
+                streak = 0
+                self._assigned += 1
+                self._ready.put(prop)
+        except BaseException as err:  # surfaced by the main thread
+            self._error = err
+
+    def _next_proposal(self) -> Proposal | None:
+        t0 = time.perf_counter()
+        if self.seeds:
+            values = dict(self.seeds.pop(0))
+            index, source = self.driver.attach(values), "seed"
+        else:
+            try:
+                got = self.driver.propose()
+            except Exception as err:
+                # BO cannot fit before any trial has an objective value (e.g. every quasi-random
+                # proposal so far was over the size limit): propose a random feasible plan instead.
+                if self.fallback is None or type(err).__name__ != "DataRequiredError":
+                    raise
+                values = self.fallback()
+                index, source = self.driver.attach(values), "random"
+                got = (index, values, source)
+            if got is None:
+                return None
+            index, values, source = got
+        plan = self.driver.space.decode(values)
+        dt = time.perf_counter() - t0
+        if source != "seed":
+            self.stats.proposal_s.append(dt)
+        return Proposal(index, values, plan, source, dt, self.size_gb(plan))
+
+    def _drain_results(self) -> None:
+        while True:
+            try:
+                res, prop = self._results.get_nowait()
+            except queue.Empty:
+                return
+            self._complete_in_ax(res, prop)
+
+    def _complete_in_ax(self, res: TrialResult, prop: Proposal) -> None:
+        if res.ok:
+            data: dict[str, float | tuple[float, float | None]] = {}
+            for name, value in res.metrics.items():
+                sem = res.sems.get(name)
+                # Perplexity on fixed windows is deterministic; its window-sampling error is shared by
+                # every trial, so it is not per-trial noise: Ax infers the noise level instead.
+                data[name] = (value, sem) if sem is not None and name not in DETERMINISTIC_METRICS else value
+            data["model_size_gb"] = (prop.size_gb, 0.0)  # exact: zero noise is the truth here
+            self.driver.complete(prop.index, data)
+        else:
+            self.driver.fail(prop.index, res.reason)
+
+    def _stop_with(self, reason: str) -> None:
+        self.stats.stop_reason = reason
+        self._stop.set()
+
+    # ---- main thread -------------------------------------------------------------------------
+    def run(self) -> SearchStats:
+        thread = threading.Thread(target=self._proposal_loop, name="ax-proposals", daemon=True)
+        thread.start()
+        try:
+            self._main_loop()
+        except KeyboardInterrupt:
+            self._stop.set()
+            thread.join(timeout=600)
+            cancelled = self.pool.cancel_all()
+            for idx in cancelled:
+                prop = self._inflight.pop(idx)
+                self.driver.abandon(idx)
+                self._record(prop, "abandoned", reason="interrupted (Ctrl-C)")
+                self.stats.abandoned += 1
+            raise
+        self._stop.set()
+        thread.join(timeout=600)
+        self._drain_results()
+        if self._error is not None:
+            raise self._error
+        return self.stats
+
+    def _main_loop(self) -> None:
+        while True:
+            if self._error is not None:
+                return
+            # dispatch
+            for slot in self.pool.idle():
+                try:
+                    prop = self._ready.get_nowait()
+                except queue.Empty:
+                    break
+                self._inflight[prop.index] = prop
+                self.stats.worker_idle_s += self.pool.submit(slot, prop.index, prop.plan)
+            results = self.pool.wait(timeout=0.1)
+            for res in results:
+                prop = self._inflight.pop(res.trial_index)
+                self.stats.worker_busy_s += res.quantize_s + res.evaluate_s + res.restore_s
+                self._on_result(res, prop)
+                self._results.put((res, prop))
+            done = self.stats.evaluated >= self.to_run
+            if done and not self.pool.busy():
+                return
+            if self._stop.is_set() and not self.pool.busy() and self._ready.empty():
+                return
+            if self.stats.evaluated >= 4 and self.stats.failed / self.stats.evaluated > self.max_failure_rate:
+                self._stop_with(
+                    f"{self.stats.failed} of {self.stats.evaluated} trials failed (more than --max_failure_rate {self.max_failure_rate:g}); "
+                    "last reason is in the history's 'reason' column"
+                )
+                for idx in self.pool.cancel_all():
+                    prop = self._inflight.pop(idx)
+                    self._record(prop, "abandoned", reason="search stopped: too many failures")
+                raise SearchStopped(self.stats.stop_reason)
+
+    def _on_result(self, res: TrialResult, prop: Proposal) -> None:
+        self.stats.evaluated += 1
+        if res.ok:
+            self.stats.completed += 1
+            row = self._record(prop, "completed", result=res)
+            if (
+                row.model_size is not None
+                and self._feasible(row)
+                and (self.stats.best is None or _better(row, self.stats.best, self.driver.goal))
+            ):
+                self.stats.best = row
+        else:
+            self.stats.failed += 1
+            row = self._record(prop, "failed", result=res, reason=res.reason)
+        if self.progress is not None:
+            self.progress.update(1)
+            best = self.stats.best
+            if best is not None:
+                post = {"best_ppl": f"{best.cal_PPL:.3f}"} if self.driver.goal.minimize else {"best_tok/s": f"{best.cal_throughput:.1f}"}
+                self.progress.set_postfix(post | {"failed": self.stats.failed, "skipped": self.stats.infeasible}, refresh=False)
+        if self.on_result is not None:
+            self.on_result(row)
+
+    def _feasible(self, row: HistoryRow) -> bool:
+        g = self.driver.goal
+        if g.constraint_metric == "model_size_gb":
+            return row.model_size is not None and row.model_size <= g.limit
+        return row.cal_PPL is not None and row.cal_PPL <= g.limit
+
+    def _record(self, prop: Proposal, status: str, result: TrialResult | None = None, reason: str = "") -> HistoryRow:
+        fields_: dict[str, Any] = dict(self.row_defaults)
+        fields_.update(
+            trial_index=prop.index + self.index_offset,
+            status=status,
+            source=prop.source,
+            quant_config=prop.plan.dumps(),
+            reason=reason,
+            model_size=prop.size_gb,
+            proposal_s=prop.proposal_s,
+        )
+        if result is not None:
+            fields_.update(self.metrics_to_row(result))
+            fields_.update(quantize_s=result.quantize_s, evaluate_s=result.evaluate_s, worker_id=result.worker_id)
+        row = HistoryRow(**fields_)
+        with self._lock:
+            self.history.append(row)
+        return row
+
+
+def _default_metrics_to_row(res: TrialResult) -> dict[str, Any]:
+    m, s = res.metrics, res.sems
+    out: dict[str, Any] = {}
+    if "ppl" in m:
+        out.update(cal_PPL=m["ppl"], cal_PPL_sem=s.get("ppl"), nll=m.get("nll"))
+    if "avg_bits" in m:
+        out["avg_bits"] = m["avg_bits"]
+    if "throughput" in m:
+        out.update(cal_throughput=m["throughput"], cal_throughput_sem=s.get("throughput"))
+    return out
+
+
+def _better(a: HistoryRow, b: HistoryRow, goal: Goal) -> bool:
+    if goal.minimize:
+        return (a.cal_PPL or math.inf) < (b.cal_PPL or math.inf)
+    return (a.cal_throughput or -math.inf) > (b.cal_throughput or -math.inf)
+
+
+def attach_history(driver: AxDriver, rows: Sequence[HistoryRow]) -> int:
+    """Attach every row of a history to a fresh experiment (completed with their metrics, infeasible
+    with their exact size, failed and abandoned as such). Returns the index offset for new rows."""
+    for row in rows:
+        values = driver.space.encode(row.plan)
+        idx = driver.attach(values)
+        if row.status == "completed":
+            data: dict[str, float | tuple[float, float | None]] = {"model_size_gb": (float(row.model_size or 0.0), 0.0)}
+            if row.nll is not None:
+                data["nll"] = row.nll
+            if row.cal_PPL is not None:
+                data["ppl"] = row.cal_PPL
+            if row.cal_throughput is not None:
+                data["throughput"] = (row.cal_throughput, row.cal_throughput_sem)
+            driver.complete(idx, data)
+        elif row.status == "infeasible":
+            driver.complete(idx, {"model_size_gb": (float(row.model_size or 0.0), 0.0)})
+        elif row.status == "failed":
+            driver.fail(idx, row.reason or "failed")
+        else:
+            driver.abandon(idx)
+    next_index = max((r.trial_index for r in rows), default=-1) + 1
+    return next_index - len(rows)

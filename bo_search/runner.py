@@ -1,0 +1,360 @@
+"""Wiring shared by the search entry points (acc_modelsize, acc_throughput, pareto): flags, space,
+history and resume, seeds, workers, the Ax driver, the final summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bo_search import cli
+from bo_search.types import QuantPlan, UserError
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_SPACE = REPO_ROOT / "parameter_spaces" / "smollm2_135m_per_block.json"
+
+
+def add_search_args(p: argparse.ArgumentParser, default_history: str) -> None:
+    cli.add_model_args(p)
+    cli.add_eval_args(p)
+    g = p.add_argument_group("search")
+    g.add_argument("--num_trials", type=int, default=20, help="evaluated trials in total, history included (default 20)")
+    g.add_argument(
+        "--parameters_list",
+        default=None,
+        metavar="SPACE.json",
+        help="parameter space JSON (default: parameter_spaces/smollm2_135m_per_block.json for the embedded model, "
+        "else one (bitwidth, groupsize) per block with bits {2,3,4,5,6,8})",
+    )
+    g.add_argument(
+        "--initial_samples",
+        default="uniform",
+        metavar="SAMPLES.json|uniform|auto|none",
+        help="seeds evaluated first: a seed-format JSON file; 'uniform' (default): the largest uniform plans that fit the budget; "
+        "'auto': allocations from sensitivity (bo_search.seed); 'none'",
+    )
+    g.add_argument(
+        "--history_output",
+        "--output_file",
+        dest="history_output",
+        default=default_history,
+        metavar="HISTORY.csv",
+        help=f"CSV history, appended as trials end (default {default_history})",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="require an existing --history_output and continue it (an existing history is always continued)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="random seed for Ax (default 0)")
+    g.add_argument(
+        "--max_failure_rate", type=float, default=0.5, help="stop when more than this fraction of evaluated trials failed (default 0.5)"
+    )
+    g.add_argument(
+        "--best_plan_output", default=None, metavar="PLAN.json", help="where to write the best plan (default: HISTORY.best_plan.json)"
+    )
+    w = p.add_argument_group("workers")
+    w.add_argument("--gpu_list", "--gpu_lists", dest="gpu_list", default=None, metavar="0,1,...", help="one Ray worker per listed GPU")
+    w.add_argument("--num_workers", type=int, default=1, help="CPU workers when no GPU is listed (default 1)")
+    w.add_argument(
+        "--ray_address", default=None, help="join an existing Ray cluster (e.g. 'auto') instead of starting a local loopback-only one"
+    )
+    w.add_argument(
+        "--threads_per_worker",
+        type=int,
+        default=None,
+        help="torch threads per worker (default: (cores - 1) / workers on CPU, leaving a core for Ax)",
+    )
+    a = p.add_argument_group("Ax / BoTorch")
+    a.add_argument(
+        "--encoding",
+        default="relaxed",
+        choices=["relaxed", "choice", "float"],
+        help="relaxed (default): ordered choices optimised as a continuous relaxation, 1-3 s per proposal; choice: exact discrete "
+        "local search (minutes per proposal above ~100 parameters); float: floats in [0,1] binned to choices",
+    )
+    a.add_argument(
+        "--num_restarts", type=int, default=4, help="acquisition optimiser restarts (default 4; Ax's 20 costs minutes per proposal)"
+    )
+    a.add_argument("--raw_samples", type=int, default=256, help="acquisition optimiser raw samples (default 256)")
+    a.add_argument("--n_sobol", type=int, default=4, help="quasi-random proposals after the seeds, before BO (default 4)")
+
+
+@dataclass
+class Setup:
+    """What the driver process knows: the model structure, the space, sizes, history."""
+
+    args: argparse.Namespace
+    eval_cfg: Any
+    layers: Any
+    space: Any
+    size_model: Any
+    ref: Any
+    history_path: Path
+    history_rows: list[Any]
+    min_gb: float
+    max_gb: float
+    fp_gb: float
+
+
+def prepare(args: argparse.Namespace, search: str) -> Setup:
+    from bo_search.history import read_history
+    from bo_search.model import discover_layers, load_structure
+    from bo_search.quant import QuantScheme, SizeModel, space_size_bounds
+    from bo_search.space import build_space, default_space_spec, load_space
+    from bo_search.trial import EvalConfig
+
+    if args.num_trials < 1:
+        raise UserError(f"--num_trials must be at least 1, got {args.num_trials}")
+    if not 0 < args.max_failure_rate <= 1:
+        raise UserError(f"--max_failure_rate must be in (0, 1], got {args.max_failure_rate}")
+    eval_cfg = EvalConfig.from_args(args)
+    model, ref = load_structure(args.checkpoint)
+    layers = discover_layers(model, include_lm_head=args.include_lm_head)
+    if args.parameters_list:
+        space = load_space(args.parameters_list, layers)
+    elif ref.hf_dir is None and ref.gguf is not None and ref.name.startswith("embedded") and EMBEDDED_SPACE.is_file():
+        space = load_space(EMBEDDED_SPACE, layers)
+    else:
+        space = build_space(default_space_spec(layers), layers, "<default per-block space>")
+    scheme = QuantScheme(scale_dtype=args.scale_dtype, zero_bits=args.zero_bits, mse_clip=args.mse_clip)
+    size_model = SizeModel(model, layers, scheme, args.fp_dtype)
+    lo, hi = space_size_bounds(space, size_model)
+    fp = size_model.report(QuantPlan()).gb
+    history_path = Path(args.history_output).expanduser()
+    rows: list[Any] = []
+    if history_path.exists() and history_path.stat().st_size > 0:
+        rows = read_history(history_path, strict=True).rows
+        for r in rows:
+            if r.model_id and r.model_id != ref.fingerprint:
+                raise UserError(
+                    f"history {history_path} line of trial {r.trial_index} belongs to another model ({r.model_id}); use a new --history_output"
+                )
+            if r.space_id and r.space_id != space.fingerprint:
+                raise UserError(
+                    f"history {history_path} trial {r.trial_index} belongs to a different parameter space ({r.space_id} != {space.fingerprint}); use a new --history_output"
+                )
+            if r.search and r.search != search:
+                raise UserError(f"history {history_path} holds a {r.search} search, not {search}; use a new --history_output")
+            space.encode(r.plan)  # raises if the plan is not expressible in this space
+    elif args.resume:
+        raise UserError(f"--resume: history {history_path} does not exist or is empty")
+    if not history_path.parent.is_dir():
+        raise UserError(f"cannot write history {history_path}: directory {history_path.parent} does not exist")
+    return Setup(args, eval_cfg, layers, space, size_model, ref, history_path, rows, lo, hi, fp)
+
+
+def parse_gpus(spec: str | None) -> list[int]:
+    if not spec:
+        return []
+    try:
+        gpus = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--gpu_list {spec!r}: expected comma-separated GPU indices such as 0,1,2,3") from None
+    import torch
+
+    n = torch.cuda.device_count()
+    bad = [g for g in gpus if g < 0 or g >= n]
+    if bad:
+        raise UserError(f"--gpu_list names GPU {bad[0]}, but {n} GPU(s) are visible" + ("" if n else " (no CUDA device)"))
+    return gpus
+
+
+def seeds_for(setup: Setup, spec: str, limit_gb: float) -> list[dict[str, int]]:
+    from bo_search.space import load_initial_samples
+
+    if spec in ("none", ""):
+        return []
+    if spec == "uniform":
+        from bo_search.seeding import uniform_seeds
+
+        return uniform_seeds(setup.space, setup.size_model, limit_gb)
+    if spec == "auto":
+        from bo_search.seeding import auto_seeds
+
+        return auto_seeds(setup, limit_gb)
+    return load_initial_samples(spec, setup.space)
+
+
+def run_search(setup: Setup, goal: Any, seeds: list[dict[str, int]], metrics_to_row: Any = None, worker_cls: Any = None) -> int:
+    """Start workers and Ax, attach history, run, summarise. Returns the exit status."""
+    import torch
+
+    from bo_search.driver import AxDriver, DriverConfig, Search, SearchStopped, attach_history
+    from bo_search.history import HistoryWriter
+    from bo_search.space import resolve_encoding
+    from bo_search.workers import TrialWorker, WorkerPool
+
+    args = setup.args
+    torch.set_num_threads(1)  # the driver's Ax work must not fight the workers for cores
+    done = sum(1 for r in setup.history_rows if r.status in ("completed", "failed"))
+    if setup.history_rows:
+        print(f"resuming {setup.history_path}: {len(setup.history_rows)} rows, {done} evaluated trials", flush=True)
+    if done >= args.num_trials:
+        print(f"the history already holds {done} evaluated trials (--num_trials {args.num_trials}); nothing to run")
+    driver_cfg = DriverConfig(
+        encoding=resolve_encoding(setup.space, args.encoding),
+        num_restarts=args.num_restarts,
+        raw_samples=args.raw_samples,
+        n_sobol=args.n_sobol,
+        seed=args.seed,
+    )
+    driver = AxDriver(setup.space, goal, driver_cfg)
+    offset = attach_history(driver, setup.history_rows)
+    seen = {r.plan for r in setup.history_rows}
+    seeds = [s for s in seeds if setup.space.decode(s) not in seen]
+    gpus = parse_gpus(args.gpu_list)
+    print(
+        f"space {setup.space.source}: {len(setup.space.tunable)} tunable parameters ({driver_cfg.encoding} encoding); "
+        f"{len(seeds)} seeds; {len(gpus) or args.num_workers} {'GPU' if gpus else 'CPU'} worker(s); history {setup.history_path}",
+        flush=True,
+    )
+    t_start = time.perf_counter()
+    pool = None
+    history = HistoryWriter(setup.history_path)
+    stats = None
+    status = 0
+    try:
+        if done < args.num_trials:
+            pool = WorkerPool(
+                setup.eval_cfg,
+                num_workers=args.num_workers,
+                gpus=gpus,
+                ray_address=args.ray_address,
+                threads_per_worker=args.threads_per_worker,
+                worker_cls=worker_cls or TrialWorker,
+            )
+            print(f"workers ready (model load {max(pool.load_times):.1f} s)", flush=True)
+            row_defaults = {"search": goal.search, "model_id": setup.ref.fingerprint, "space_id": setup.space.fingerprint}
+            bar = cli.progress(range(args.num_trials), desc="trials", total=args.num_trials)
+            bar.update(done)
+            search = Search(
+                driver,
+                pool,
+                history,
+                setup.size_model.gb,
+                row_defaults,
+                args.num_trials,
+                already_evaluated=done,
+                seeds=seeds,
+                max_failure_rate=args.max_failure_rate,
+                metrics_to_row=metrics_to_row,
+                progress=bar,
+            )
+            search.index_offset = offset
+            if goal.constraint_metric == "model_size_gb":
+                import random
+
+                from bo_search.seeding import random_feasible
+
+                rng = random.Random(args.seed)
+                search.fallback = lambda: random_feasible(setup.space, setup.size_model.gb, goal.limit, rng)
+            try:
+                stats = search.run()
+            except SearchStopped as err:
+                stats = search.stats
+                print(f"\nsearch stopped: {err}", file=sys.stderr)
+                status = 3
+            finally:
+                bar.close()
+            if stats.stop_reason and status == 0:
+                print(f"search stopped early: {stats.stop_reason}", file=sys.stderr)
+        summarize(setup, goal, stats, pool, time.perf_counter() - t_start)
+    except KeyboardInterrupt:
+        history.close()
+        print(
+            f"\ninterrupted: in-flight trials were marked abandoned; every finished trial is in {setup.history_path}.\nresume with the same command (or add --resume).",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        history.close()
+        if pool is not None:
+            pool.shutdown()
+    return status
+
+
+def summarize(setup: Setup, goal: Any, stats: Any, pool: Any, wall_s: float) -> None:
+    """Best feasible plan (with held-out perplexity), run statistics, best-plan JSON."""
+    from bo_search.history import read_history
+
+    rows = read_history(setup.history_path, strict=True).rows
+    comp = [r for r in rows if r.status == "completed"]
+    if goal.constraint_metric == "model_size_gb":
+        feas = [r for r in comp if r.model_size is not None and r.model_size <= goal.limit]
+    else:
+        feas = [r for r in comp if r.cal_PPL is not None and r.cal_PPL <= goal.limit]
+    n_failed = sum(r.status == "failed" for r in rows)
+    n_inf = sum(r.status == "infeasible" for r in rows)
+    print(f"\n{len(comp)} completed, {n_failed} failed, {n_inf} proposals over the limit (not evaluated), in {wall_s:.0f} s")
+    if stats is not None and stats.evaluated:
+        props = stats.proposal_s
+        mean_prop = sum(props) / len(props) if props else 0.0
+        print(
+            f"proposal time: mean {mean_prop:.2f} s over {len(props)} proposals; worker idle waiting for proposals: {100 * stats.idle_fraction:.1f}%"
+        )
+    if not feas:
+        smallest = min((r.model_size for r in comp if r.model_size is not None), default=None)
+        what = f"size limit {goal.limit:.6g} GB" if goal.constraint_metric == "model_size_gb" else f"perplexity limit {goal.limit:.6g}"
+        print(
+            f"no completed trial fits the {what}" + (f"; the smallest evaluated size was {smallest:.6g} GB" if smallest is not None else "")
+        )
+        if goal.constraint_metric != "model_size_gb" and comp:
+            print(f"the lowest perplexity seen was {min(r.cal_PPL for r in comp if r.cal_PPL is not None):.4g}")
+        return
+    best = min(feas, key=lambda r: r.cal_PPL) if goal.minimize else max(feas, key=lambda r: r.cal_throughput)
+    heldout = best.ppl_heldout
+    if heldout is None and pool is not None:
+        heldout = pool.heldout([best.plan])[0]
+        _fill_heldout(setup.history_path, best.trial_index, heldout)
+    out = Path(setup.args.best_plan_output or str(setup.history_path) + ".best_plan.json")
+    cli.write_json(
+        out,
+        {
+            **best.plan.to_json(),
+            "trial_index": best.trial_index,
+            "cal_PPL": best.cal_PPL,
+            "ppl_heldout": heldout,
+            "model_size_gb": best.model_size,
+            "avg_bits": best.avg_bits,
+            "cal_throughput": best.cal_throughput,
+        },
+    )
+    print(
+        f"best feasible trial {best.trial_index} ({best.source}): size {best.model_size:.6g} GB, {best.avg_bits:.3f} avg bits, perplexity {best.cal_PPL:.4f} (search split)"
+        + (f", {heldout:.4f} (held-out)" if heldout is not None else "")
+    )
+    if best.cal_throughput is not None:
+        print(f"  throughput {best.cal_throughput:.2f} tok/s {best.throughput_kind}")
+    print(f"  bit widths: {json.dumps(best.plan.histogram())}")
+    print(f"  plan written to {out} (python -m bo_search.evaluate --config {out})")
+
+
+def _fill_heldout(path: Path, trial_index: int, value: float) -> None:
+    """Record a held-out perplexity in the history: rewritten to a temp file, fsynced, renamed."""
+    import csv
+
+    from bo_search.history import COLUMNS
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        if r.get("trial_index") == str(trial_index) and r.get("status") == "completed":
+            r["ppl_heldout"] = repr(value)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in COLUMNS})
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

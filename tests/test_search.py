@@ -1,0 +1,206 @@
+"""The search service end to end on a tiny model with real Ax and real Ray workers."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bo_search.history import read_history
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_space(path: Path, n_blocks: int = 3) -> Path:
+    spec = {
+        "parameters": [
+            {
+                "name": "bitwidth",
+                "name_format": "bitwidth.{i}.",
+                "layers": [{"range": [0, n_blocks], "type": "choice", "values": [2, 3, 4, 8]}],
+            },
+            {
+                "name": "groupsize",
+                "name_format": "groupsize.{i}.",
+                "layers": [{"range": [0, n_blocks], "type": "choice", "values": [32, 64]}],
+            },
+        ]
+    }
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def base_args(ckpt, space, history, *extra):
+    return [
+        "--checkpoint", str(ckpt), "--parameters_list", str(space), "--history_output", str(history),
+        "--eval_text", "pydoc", "--eval_tokens", "256", "--heldout_tokens", "128", "--max_seqlen", "64",
+        "--avg_bits", "5", "--n_sobol", "2", *extra,
+    ]  # fmt: skip
+
+
+def run_cli(args, module="bo_search.acc_modelsize", timeout=600):
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_end_to_end_two_workers_uneven(tiny_llama, tmp_path):
+    space = tiny_space(tmp_path / "space.json")
+    hist = tmp_path / "h.csv"
+    r = run_cli(base_args(tiny_llama, space, hist, "--num_trials", "5", "--num_workers", "2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_history(hist).rows
+    evaluated = [x for x in rows if x.status in ("completed", "failed")]
+    assert len(evaluated) == 5  # 5 trials on 2 workers: none dropped
+    assert len({x.trial_index for x in rows}) == len(rows)
+    limit = None
+    for line in r.stdout.splitlines():
+        if line.startswith("size limit "):
+            limit = float(line.split()[2])
+    assert limit is not None
+    assert all(x.model_size <= limit for x in evaluated)  # over-limit proposals are never evaluated
+    assert {x.worker_id for x in evaluated} == {"w0", "w1"}
+    assert all(x.cal_PPL > 1 and x.quantize_s is not None for x in evaluated)
+    assert "best feasible trial" in r.stdout and "held-out" in r.stdout
+    best = json.loads((tmp_path / "h.csv.best_plan.json").read_text())
+    assert best["ppl_heldout"] > 1 and best["model_size_gb"] <= limit
+    # the best plan loads in bo_search.evaluate
+    r2 = run_cli(
+        [
+            "--checkpoint",
+            str(tiny_llama),
+            "--eval_text",
+            "pydoc",
+            "--eval_tokens",
+            "256",
+            "--heldout_tokens",
+            "0",
+            "--max_seqlen",
+            "64",
+            "--config",
+            str(tmp_path / "h.csv.best_plan.json"),
+        ],
+        module="bo_search.evaluate",
+    )
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    ppl_eval = float(r2.stdout.strip().splitlines()[-1].split("|")[4])
+    assert ppl_eval == pytest.approx(best["cal_PPL"], rel=1e-3)
+
+
+def test_resume_after_sigkill(tiny_llama, tmp_path):
+    space = tiny_space(tmp_path / "space.json")
+    hist = tmp_path / "h.csv"
+    args = base_args(tiny_llama, space, hist, "--num_trials", "8", "--initial_samples", "none")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bo_search.acc_modelsize", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    deadline = time.time() + 300
+    n = 0
+    while time.time() < deadline:
+        if hist.exists():
+            n = sum(1 for x in csv.DictReader(hist.open()) if x["status"] == "completed")
+            if n >= 3:
+                break
+        time.sleep(0.2)
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+    assert n >= 3
+    os.kill(proc.pid, signal.SIGKILL)  # the driver dies without any chance to clean up
+    proc.wait()
+    _kill_group(proc.pid)
+    before = hist.read_text()
+    completed_before = {x.trial_index: x for x in read_history(hist).rows if x.status == "completed"}
+    r = run_cli(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming" in r.stdout
+    assert hist.read_text().startswith(before.rstrip("\n").rsplit("\n", 1)[0])  # nothing rewritten but the held-out fill
+    rows = read_history(hist).rows
+    after = {x.trial_index: x for x in rows if x.status == "completed"}
+    assert set(completed_before) <= set(after)
+    assert all(after[i].cal_PPL == completed_before[i].cal_PPL for i in completed_before)
+    assert sum(x.status in ("completed", "failed") for x in rows) == 8
+    assert len({x.trial_index for x in rows}) == len(rows)
+
+
+def _kill_group(pid):
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_ctrl_c_marks_abandoned_and_says_how_to_resume(tiny_llama, tmp_path):
+    space = tiny_space(tmp_path / "space.json")
+    hist = tmp_path / "h.csv"
+    args = base_args(tiny_llama, space, hist, "--num_trials", "50", "--initial_samples", "none")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bo_search.acc_modelsize", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not (hist.exists() and sum(1 for x in csv.DictReader(hist.open()) if x["status"] == "completed") >= 2):
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    _kill_group(proc.pid)
+    assert proc.returncode == 130, err[-2000:]
+    assert "resume with the same command" in err
+    rows = read_history(hist).rows  # still a valid CSV
+    assert any(x.status == "abandoned" for x in rows) or all(x.status != "abandoned" for x in rows)
+    assert sum(x.status == "completed" for x in rows) >= 2
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--avg_bits", "1.0"], "below the smallest plan of the space"),
+        (["--model_size_constraint", "100"], "not below the full-precision size"),
+        (["--gpu_list", "7"], "--gpu_list names GPU 7"),
+        (["--num_trials", "0"], "--num_trials must be at least 1"),
+        (["--initial_samples", "/nonexistent.json"], "initial samples file not found"),
+        (["--resume"], "does not exist or is empty"),
+    ],
+)
+def test_bad_input_exits_2_before_any_trial(tiny_llama, tmp_path, extra, message):
+    space = tiny_space(tmp_path / "space.json")
+    args = base_args(tiny_llama, space, tmp_path / "h.csv", "--num_trials", "3")
+    args = (
+        [a for a in args if a not in ("--avg_bits", "5")] + extra
+        if "--avg_bits" in extra or "--model_size_constraint" in extra
+        else args + extra
+    )
+    r = run_cli(args, timeout=120)
+    assert r.returncode == 2, (r.stdout[-1000:], r.stderr[-2000:])
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "h.csv").exists()
+
+
+def test_corrupt_or_foreign_history_is_refused_and_kept(tiny_llama, tmp_path):
+    space = tiny_space(tmp_path / "space.json")
+    hist = tmp_path / "h.csv"
+    r = run_cli(base_args(tiny_llama, space, hist, "--num_trials", "2", "--initial_samples", "none"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    good = hist.read_text()
+    lines = good.splitlines()
+    hist.write_text("\n".join(lines[:2] + ["3,completed,bo,{not json"] + lines[2:]) + "\n")
+    corrupt = hist.read_text()
+    r = run_cli(base_args(tiny_llama, space, hist, "--num_trials", "4"))
+    assert r.returncode == 2 and "line 3 is corrupt" in r.stderr and "Traceback" not in r.stderr
+    assert hist.read_text() == corrupt  # never overwritten
+    hist.write_text(good)
+    other = tiny_space(tmp_path / "other.json", 3)
+    spec = json.loads(other.read_text())
+    spec["parameters"][0]["layers"][0]["values"] = [3, 4, 8]
+    other.write_text(json.dumps(spec))
+    r = run_cli(base_args(tiny_llama, other, hist, "--num_trials", "4"))
+    assert r.returncode == 2 and "different parameter space" in r.stderr
+    assert hist.read_text() == good
+    old = tmp_path / "old.csv"
+    old.write_text("trial_id,cal_PPL,model_size,config\n0,7.9,5.4,\"{'bitwidth.0.': 4}\"\n")
+    r = run_cli(base_args(tiny_llama, space, old, "--num_trials", "4"))
+    assert r.returncode == 2 and "not a bo_search history" in r.stderr

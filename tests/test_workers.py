@@ -1,0 +1,161 @@
+"""Ray workers and the pool (no Ax), and failure handling of the whole search with injected faults."""
+
+import os
+import sys
+import tempfile
+
+import pytest
+
+from bo_search.quant import uniform_plan
+from bo_search.trial import EvalConfig
+from bo_search.types import LayerQuant
+from bo_search.workers import TrialWorker, WorkerPool
+
+pytestmark = pytest.mark.slow
+
+
+class FlakyWorker(TrialWorker):
+    """A real worker with real faults: its 2nd trial raises; its 3rd kills the worker process
+    (once per test: the replacement worker then keeps going)."""
+
+    MARKER = os.path.join(tempfile.gettempdir(), f"bo_search_flaky_{os.getpid()}")
+    calls = 0
+
+    def run(self, trial_index, plan_json):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("injected failure")
+        if self.calls == 3 and not os.path.exists(self.MARKER):
+            open(self.MARKER, "w").close()
+            os._exit(1)
+        return super().run(trial_index, plan_json)
+
+
+@pytest.fixture(autouse=True)
+def _reset_marker():
+    if os.path.exists(FlakyWorker.MARKER):
+        os.remove(FlakyWorker.MARKER)
+
+
+class AlwaysFails(TrialWorker):
+    def run(self, trial_index, plan_json):
+        raise MemoryError("out of memory (injected)")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    from bo_search.workers import start_ray
+
+    start_ray(num_cpus=2, num_gpus=0, address=None, object_store_mb=128)
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    ray.shutdown()
+
+
+def _cfg(ckpt):
+    return EvalConfig(checkpoint=str(ckpt), eval_text="pydoc", eval_tokens=128, heldout_tokens=128, max_seqlen=64)
+
+
+def _drain(pool, n):
+    out = []
+    while len(out) < n:
+        out += pool.wait(timeout=1.0)
+    return out
+
+
+def test_pool_failures_and_dead_worker_replaced(ray_cluster, tiny_llama):
+    from bo_search.model import discover_layers, load_structure
+
+    model, _ = load_structure(str(tiny_llama))
+    plan = uniform_plan(discover_layers(model), LayerQuant(4, 32))
+    pool = WorkerPool(_cfg(tiny_llama), num_workers=1, worker_cls=FlakyWorker)
+    try:
+        results = {}
+        for idx in (0, 1, 2, 3):
+            [slot] = pool.idle()
+            pool.submit(slot, idx, plan)
+            [res] = _drain(pool, 1)
+            results[idx] = res
+        assert results[0].ok and results[3].ok
+        assert results[0].metrics["ppl"] == pytest.approx(results[3].metrics["ppl"])
+        assert not results[1].ok and "injected failure" in results[1].reason
+        assert not results[2].ok and "died" in results[2].reason
+        assert pool.restarts == 1
+    finally:
+        pool.shutdown()
+
+
+def test_pool_async_dispatch_two_workers(ray_cluster, tiny_llama):
+    from bo_search.model import discover_layers, load_structure
+
+    model, _ = load_structure(str(tiny_llama))
+    plans = [uniform_plan(discover_layers(model), LayerQuant(b, 32)) for b in (2, 3, 4, 8, 2)]
+    pool = WorkerPool(_cfg(tiny_llama), num_workers=2)
+    try:
+        pending = list(enumerate(plans))
+        done = []
+        while pending or pool.busy():
+            for slot in pool.idle():
+                if pending:
+                    idx, p = pending.pop(0)
+                    pool.submit(slot, idx, p)
+            done += pool.wait(timeout=0.5)
+        assert sorted(r.trial_index for r in done) == [0, 1, 2, 3, 4]
+        assert {r.worker_id for r in done} == {"w0", "w1"}
+        ppl = {r.trial_index: r.metrics["ppl"] for r in done}
+        assert ppl[0] == pytest.approx(ppl[4])  # same plan, same number, whichever worker ran it
+    finally:
+        pool.shutdown()
+
+
+def _search_args(tiny_llama, tmp_path, n):
+    from test_search import base_args, tiny_space
+
+    from bo_search.acc_modelsize import build_parser
+
+    space = tiny_space(tmp_path / "space.json")
+    args = build_parser().parse_args(base_args(tiny_llama, space, tmp_path / "h.csv", "--num_trials", str(n), "--initial_samples", "none"))
+    args.device = "cpu"
+    args.verbose = False
+    return args
+
+
+def test_search_goes_on_after_failures(ray_cluster, tiny_llama, tmp_path):
+    from bo_search import runner
+    from bo_search.acc_modelsize import size_limit
+    from bo_search.driver import Goal
+    from bo_search.history import read_history
+
+    args = _search_args(tiny_llama, tmp_path, 6)
+    args.max_failure_rate = 0.9
+    setup = runner.prepare(args, "modelsize")
+    limit = size_limit(setup, None, 5.0)
+    goal = Goal("nll", True, "model_size_gb", limit, "modelsize")
+    assert runner.run_search(setup, goal, [], worker_cls=FlakyWorker) == 0
+    rows = read_history(tmp_path / "h.csv").rows
+    evaluated = [r for r in rows if r.status in ("completed", "failed")]
+    assert len(evaluated) == 6
+    failed = {r.trial_index: r.reason for r in rows if r.status == "failed"}
+    assert any("injected failure" in v for v in failed.values())
+    assert any("died" in v for v in failed.values())
+    assert sum(r.status == "completed" for r in rows) >= 3
+
+
+def test_max_failure_rate_stops_search(ray_cluster, tiny_llama, tmp_path, capsys):
+    from bo_search import runner
+    from bo_search.acc_modelsize import size_limit
+    from bo_search.driver import Goal
+    from bo_search.history import read_history
+
+    args = _search_args(tiny_llama, tmp_path, 20)
+    setup = runner.prepare(args, "modelsize")
+    goal = Goal("nll", True, "model_size_gb", size_limit(setup, None, 5.0), "modelsize")
+    assert runner.run_search(setup, goal, [], worker_cls=AlwaysFails) == 3
+    err = capsys.readouterr().err
+    assert "--max_failure_rate" in err
+    rows = read_history(tmp_path / "h.csv").rows
+    assert all(r.status in ("failed", "abandoned", "infeasible") for r in rows)
+    assert any("out of memory (injected)" in r.reason for r in rows)
+    assert sum(r.status == "failed" for r in rows) < 20
