@@ -131,7 +131,7 @@ def _jsonable(o: Any) -> Any:
     return str(o)
 
 
-def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
+def progress(items: Iterable[T], desc: str, total: int | None = None) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, total=total, disable=None, dynamic_ncols=True, file=sys.stderr)

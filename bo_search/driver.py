@@ -11,8 +11,11 @@ How a search runs
   each trial as it ends, and hands the result to the proposal thread to complete in Ax.
 - The size limit is checked before dispatch. Size is exact and known without evaluating, so a
   proposal over the limit is never evaluated: it is completed in Ax with only its exact size (so
-  the size model learns the boundary) and recorded as ``infeasible``. The limit is also an Ax
-  outcome constraint, so proposals concentrate on feasible plans.
+  the size model learns the boundary) and recorded as ``infeasible``. It is then *repaired*: the
+  nearest plan under the limit (one-notch downgrades, see ``seeding.repair_to_budget``) is attached
+  to Ax as a new trial (source ``repaired``) and evaluated instead, so every proposal yields an
+  evaluation and workers never starve behind a run of over-limit proposals. The limit is also an
+  Ax outcome constraint, so proposals concentrate on feasible plans.
 - Seeds (initial samples) go first, attached to Ax as they are.
 """
 
@@ -160,7 +163,8 @@ class AxDriver:
 
 
 class Pool(Protocol):
-    size: int
+    @property
+    def size(self) -> int: ...
 
     def idle(self) -> list[Any]: ...
     def busy(self) -> list[Any]: ...
@@ -222,6 +226,7 @@ class Search:
         progress: Any = None,
         on_result: Callable[[HistoryRow], None] | None = None,
         fallback: Callable[[], dict[str, int]] | None = None,
+        repair: Callable[[dict[str, int]], dict[str, int] | None] | None = None,
     ):
         self.driver, self.pool, self.history = driver, pool, history
         self.size_gb = size_gb
@@ -236,6 +241,8 @@ class Search:
         self.progress = progress
         self.on_result = on_result
         self.fallback = fallback
+        #: maps an over-limit proposal to the nearest plan that fits (evaluated as a new trial)
+        self.repair = repair
         self._ready: queue.Queue[Proposal] = queue.Queue()
         self._results: queue.Queue[tuple[TrialResult, Proposal]] = queue.Queue()
         self._stop = threading.Event()
@@ -259,21 +266,27 @@ class Search:
                     except queue.Empty:
                         pass
                     continue
-                prop = self._next_proposal()
-                if prop is None:
+                nxt = self._next_proposal()
+                if nxt is None:
                     self._stop_with("Ax produced no new configuration (the space may be exhausted)")
                     return
+                prop = nxt
                 if prop.size_gb > self.driver.goal.limit and self.driver.goal.constraint_metric == "model_size_gb":
                     self.driver.complete(prop.index, {"model_size_gb": (prop.size_gb, 0.0)})
                     self._record(prop, "infeasible", reason=f"size {prop.size_gb:.6g} GB over the limit; not evaluated")
                     self.stats.infeasible += 1
-                    streak += 1
-                    if streak >= self.max_infeasible_streak:
-                        self._stop_with(
-                            f"{streak} proposals in a row were over the size limit; seed the search (--initial_samples) or raise the limit"
-                        )
-                        return
-                    continue
+                    fixed = self.repair(prop.values) if self.repair is not None else None
+                    if fixed is None:
+                        streak += 1
+                        if streak >= self.max_infeasible_streak:
+                            self._stop_with(
+                                f"{streak} proposals in a row were over the size limit; seed the search (--initial_samples) or raise the limit"
+                            )
+                            return
+                        continue
+                    t0 = time.perf_counter()
+                    plan = self.driver.space.decode(fixed)
+                    prop = Proposal(self.driver.attach(fixed), fixed, plan, "repaired", time.perf_counter() - t0, self.size_gb(plan))
                 streak = 0
                 self._assigned += 1
                 self._ready.put(prop)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -248,15 +249,18 @@ def run_search(setup: Setup, goal: Any, seeds: list[dict[str, int]], metrics_to_
                 max_failure_rate=args.max_failure_rate,
                 metrics_to_row=metrics_to_row,
                 progress=bar,
+                on_result=None if not bar.disable else _print_row,
             )
             search.index_offset = offset
             if goal.constraint_metric == "model_size_gb":
                 import random
 
-                from bo_search.seeding import random_feasible
+                from bo_search.budget import SlotSizes, random_feasible, repair_to_budget
 
                 rng = random.Random(args.seed)
-                search.fallback = lambda: random_feasible(setup.space, setup.size_model.gb, goal.limit, rng)
+                sizes = SlotSizes(setup.space, setup.size_model)
+                search.fallback = lambda: random_feasible(sizes, goal.limit, rng)
+                search.repair = lambda values: repair_to_budget(sizes, goal.limit, values)
             try:
                 stats = search.run()
             except SearchStopped as err:
@@ -280,6 +284,18 @@ def run_search(setup: Setup, goal: Any, seeds: list[dict[str, int]], metrics_to_
         if pool is not None:
             pool.shutdown()
     return status
+
+
+def _print_row(row: Any) -> None:
+    """One line per finished trial when stderr is not a terminal (no progress bar)."""
+    what = f"ppl {row.cal_PPL:.4g}" if row.cal_PPL is not None else ""
+    if row.cal_throughput is not None:
+        what += f" {row.cal_throughput:.1f} tok/s"
+    took = (row.quantize_s or 0) + (row.evaluate_s or 0)
+    print(
+        f"trial {row.trial_index} {row.status} ({row.source}) {what} size {row.model_size:.6g} GB {took:.1f} s {row.reason}".rstrip(),
+        flush=True,
+    )
 
 
 def summarize(setup: Setup, goal: Any, stats: Any, pool: Any, wall_s: float) -> None:
@@ -310,7 +326,7 @@ def summarize(setup: Setup, goal: Any, stats: Any, pool: Any, wall_s: float) -> 
         if goal.constraint_metric != "model_size_gb" and comp:
             print(f"the lowest perplexity seen was {min(r.cal_PPL for r in comp if r.cal_PPL is not None):.4g}")
         return
-    best = min(feas, key=lambda r: r.cal_PPL) if goal.minimize else max(feas, key=lambda r: r.cal_throughput)
+    best = min(feas, key=lambda r: r.cal_PPL or math.inf) if goal.minimize else max(feas, key=lambda r: r.cal_throughput or -math.inf)
     heldout = best.ppl_heldout
     if heldout is None and pool is not None:
         heldout = pool.heldout([best.plan])[0]

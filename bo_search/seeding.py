@@ -36,7 +36,7 @@ def uniform_seeds(space: SearchSpace, size_model: SizeModel, limit_gb: float) ->
     """For each group size: the widest uniform plan that fits, and that plan with slots upgraded to
     the next bit width (first and last blocks first) until the budget is used."""
     bits_choices = sorted({v for p in space.tunable if p.kind == "bits" for v in p.values})
-    group_choices = sorted({v for p in space.tunable if p.kind == "group_size" for v in p.values}) or [None]
+    group_choices: list[int | None] = [*sorted({v for p in space.tunable if p.kind == "group_size" for v in p.values})] or [None]
     seeds: list[dict[str, int]] = []
     for g in group_choices:
         best: dict[str, int] | None = None

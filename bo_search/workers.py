@@ -90,7 +90,7 @@ def start_ray(num_cpus: int, num_gpus: int, address: str | None, object_store_mb
     apply_loopback_env()
     import ray
 
-    kwargs = local_init_kwargs(num_cpus, object_store_mb * 1024 * 1024, num_gpus=num_gpus)
+    kwargs: dict[str, Any] = local_init_kwargs(num_cpus, object_store_mb * 1024 * 1024, num_gpus=num_gpus)
     ray.init(**kwargs, logging_level=logging.WARNING, configure_logging=True)
 
 
