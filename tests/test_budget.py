@@ -8,8 +8,16 @@ from bo_search.space import build_space
 SPEC = {
     "granularity": "linear",
     "parameters": [
-        {"name": "bitwidth", "name_format": "bitwidth.{i}.{group}", "layers": [{"range": [0, 3], "type": "choice", "values": [2, 3, 4, 6, 8]}]},
-        {"name": "groupsize", "name_format": "groupsize.{i}.{group}", "layers": [{"range": [0, 3], "type": "choice", "values": [32, 64, -1]}]},
+        {
+            "name": "bitwidth",
+            "name_format": "bitwidth.{i}.{group}",
+            "layers": [{"range": [0, 3], "type": "choice", "values": [2, 3, 4, 6, 8]}],
+        },
+        {
+            "name": "groupsize",
+            "name_format": "groupsize.{i}.{group}",
+            "layers": [{"range": [0, 3], "type": "choice", "values": [32, 64, -1]}],
+        },
     ],
 }
 
