@@ -41,11 +41,17 @@ log = logging.getLogger(__name__)
 class Goal:
     """What the search optimises and under which constraint."""
 
-    objective: str  # Ax metric name: "nll" (minimised) or "throughput" (maximised)
+    objective: str  # Ax metric name(s): "nll" (minimised), "throughput" (maximised), or "nll, model_size_gb" (Pareto)
     minimize: bool
-    constraint_metric: str  # "model_size_gb" or "ppl"
+    constraint_metric: str  # "model_size_gb", "ppl", or "" (Pareto: none)
     limit: float  # constraint: metric <= limit
     search: str  # modelsize | throughput | pareto (recorded in the CSV)
+    #: multi-objective only: objective thresholds (metric <= value), the corner of the region of interest
+    thresholds: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def multi(self) -> bool:
+        return "," in self.objective
 
 
 @dataclass(frozen=True)
@@ -135,8 +141,14 @@ class AxDriver:
                 params.append(ChoiceParameterConfig(name=ap.name, values=list(ap.values), parameter_type="int", is_ordered=True))
         self.client = Client(random_seed=cfg.seed)
         self.client.configure_experiment(parameters=params, name=f"bo_search-{goal.search}")
-        objective = ("-" if goal.minimize else "") + goal.objective
-        self.client.configure_optimization(objective=objective, outcome_constraints=[f"{goal.constraint_metric} <= {goal.limit!r}"])
+        if goal.multi:
+            objective = ", ".join("-" + name.strip() for name in goal.objective.split(","))
+            # In Ax's multi-objective form a bound on an objective metric is that objective's threshold.
+            constraints = [f"{name} <= {value!r}" for name, value in goal.thresholds]
+        else:
+            objective = ("-" if goal.minimize else "") + goal.objective
+            constraints = [f"{goal.constraint_metric} <= {goal.limit!r}"]
+        self.client.configure_optimization(objective=objective, outcome_constraints=constraints)
         self.client.set_generation_strategy(make_generation_strategy(cfg))
 
     def attach(self, values: Mapping[str, int]) -> int:
@@ -424,6 +436,8 @@ class Search:
 
     def _feasible(self, row: HistoryRow) -> bool:
         g = self.driver.goal
+        if g.multi:
+            return True
         if g.constraint_metric == "model_size_gb":
             return row.model_size is not None and row.model_size <= g.limit
         return row.cal_PPL is not None and row.cal_PPL <= g.limit

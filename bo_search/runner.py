@@ -185,8 +185,31 @@ def seeds_for(setup: Setup, spec: str, limit_gb: float) -> list[dict[str, int]]:
     return load_initial_samples(spec, setup.space)
 
 
-def run_search(setup: Setup, goal: Any, seeds: list[dict[str, int]], metrics_to_row: Any = None, worker_cls: Any = None) -> int:
-    """Start workers and Ax, attach history, run, summarise. Returns the exit status."""
+def ladder_seeds(setup: Setup) -> list[dict[str, int]]:
+    """Uniform plans at every bit width of the space (middle group size): seeds spanning a trade-off."""
+    space = setup.space
+    groups = sorted({v for p in space.tunable if p.kind == "group_size" for v in p.values})
+    g = groups[len(groups) // 2] if groups else 0
+    seeds = []
+    for b in sorted({v for p in space.tunable if p.kind == "bits" for v in p.values}):
+        vals = {p.name: (b if p.kind == "bits" else g) for p in space.tunable}
+        if all(vals[p.name] in p.values for p in space.tunable):
+            seeds.append(vals)
+    return seeds
+
+
+def run_search(
+    setup: Setup,
+    goal: Any,
+    seeds: list[dict[str, int]],
+    metrics_to_row: Any = None,
+    worker_cls: Any = None,
+    row_extra: dict[str, Any] | None = None,
+) -> int:
+    """Start workers and Ax, attach history, run, summarise. Returns the exit status.
+
+    ``goal`` is a Goal, or a callable ``goal(pool)`` for goals that need a measurement first (a
+    perplexity limit relative to full precision)."""
     import torch
 
     from bo_search.driver import AxDriver, DriverConfig, Search, SearchStopped, attach_history
@@ -201,30 +224,14 @@ def run_search(setup: Setup, goal: Any, seeds: list[dict[str, int]], metrics_to_
         print(f"resuming {setup.history_path}: {len(setup.history_rows)} rows, {done} evaluated trials", flush=True)
     if done >= args.num_trials:
         print(f"the history already holds {done} evaluated trials (--num_trials {args.num_trials}); nothing to run")
-    driver_cfg = DriverConfig(
-        encoding=resolve_encoding(setup.space, args.encoding),
-        num_restarts=args.num_restarts,
-        raw_samples=args.raw_samples,
-        n_sobol=args.n_sobol,
-        seed=args.seed,
-    )
-    driver = AxDriver(setup.space, goal, driver_cfg)
-    offset = attach_history(driver, setup.history_rows)
-    seen = {r.plan for r in setup.history_rows}
-    seeds = [s for s in seeds if setup.space.decode(s) not in seen]
     gpus = parse_gpus(args.gpu_list)
-    print(
-        f"space {setup.space.source}: {len(setup.space.tunable)} tunable parameters ({driver_cfg.encoding} encoding); "
-        f"{len(seeds)} seeds; {len(gpus) or args.num_workers} {'GPU' if gpus else 'CPU'} worker(s); history {setup.history_path}",
-        flush=True,
-    )
     t_start = time.perf_counter()
     pool = None
-    history = HistoryWriter(setup.history_path)
+    history = None
     stats = None
     status = 0
     try:
-        if done < args.num_trials:
+        if done < args.num_trials or callable(goal):
             pool = WorkerPool(
                 setup.eval_cfg,
                 num_workers=args.num_workers,
@@ -233,8 +240,35 @@ def run_search(setup: Setup, goal: Any, seeds: list[dict[str, int]], metrics_to_
                 threads_per_worker=args.threads_per_worker,
                 worker_cls=worker_cls or TrialWorker,
             )
-            print(f"workers ready (model load {max(pool.load_times):.1f} s)", flush=True)
-            row_defaults = {"search": goal.search, "model_id": setup.ref.fingerprint, "space_id": setup.space.fingerprint}
+            nodes = len({i["node_id"] for i in pool.infos})
+            print(f"workers ready (model load {max(pool.load_times):.1f} s; {pool.size} worker(s) on {nodes} Ray node(s))", flush=True)
+        if callable(goal):
+            goal = goal(pool)
+        driver_cfg = DriverConfig(
+            encoding=resolve_encoding(setup.space, args.encoding),
+            num_restarts=args.num_restarts,
+            raw_samples=args.raw_samples,
+            n_sobol=args.n_sobol,
+            seed=args.seed,
+        )
+        driver = AxDriver(setup.space, goal, driver_cfg)
+        offset = attach_history(driver, setup.history_rows)
+        seen = {r.plan for r in setup.history_rows}
+        seeds = [s for s in seeds if setup.space.decode(s) not in seen]
+        print(
+            f"space {setup.space.source}: {len(setup.space.tunable)} tunable parameters ({driver_cfg.encoding} encoding); "
+            f"{len(seeds)} seeds; {len(gpus) or args.num_workers} {'GPU' if gpus else 'CPU'} worker(s); history {setup.history_path}",
+            flush=True,
+        )
+        history = HistoryWriter(setup.history_path)
+        if done < args.num_trials:
+            assert pool is not None
+            row_defaults = {
+                "search": goal.search,
+                "model_id": setup.ref.fingerprint,
+                "space_id": setup.space.fingerprint,
+                **(row_extra or {}),
+            }
             bar = cli.progress(range(args.num_trials), desc="trials", total=args.num_trials)
             bar.update(done)
             search = Search(
@@ -273,14 +307,14 @@ def run_search(setup: Setup, goal: Any, seeds: list[dict[str, int]], metrics_to_
                 print(f"search stopped early: {stats.stop_reason}", file=sys.stderr)
         summarize(setup, goal, stats, pool, time.perf_counter() - t_start)
     except KeyboardInterrupt:
-        history.close()
         print(
             f"\ninterrupted: in-flight trials were marked abandoned; every finished trial is in {setup.history_path}.\nresume with the same command (or add --resume).",
             file=sys.stderr,
         )
         return 130
     finally:
-        history.close()
+        if history is not None:
+            history.close()
         if pool is not None:
             pool.shutdown()
     return status
@@ -304,6 +338,9 @@ def summarize(setup: Setup, goal: Any, stats: Any, pool: Any, wall_s: float) -> 
 
     rows = read_history(setup.history_path, strict=True).rows
     comp = [r for r in rows if r.status == "completed"]
+    if goal.multi:
+        pareto_summary(setup, comp, pool)
+        return
     if goal.constraint_metric == "model_size_gb":
         feas = [r for r in comp if r.model_size is not None and r.model_size <= goal.limit]
     else:
@@ -352,6 +389,39 @@ def summarize(setup: Setup, goal: Any, stats: Any, pool: Any, wall_s: float) -> 
         print(f"  throughput {best.cal_throughput:.2f} tok/s {best.throughput_kind}")
     print(f"  bit widths: {json.dumps(best.plan.histogram())}")
     print(f"  plan written to {out} (python -m bo_search.evaluate --config {out})")
+
+
+def pareto_summary(setup: Setup, comp: list[Any], pool: Any) -> None:
+    """Print the perplexity/size Pareto front (held-out perplexity of each point computed once and
+    recorded in the history) and write it as JSON."""
+    from bo_search.history import pareto_front
+
+    pts = [r for r in comp if r.cal_PPL is not None and r.model_size is not None]
+    if not pts:
+        print("no completed trial: no Pareto front")
+        return
+    front = [pts[i] for i in pareto_front([(r.model_size, r.cal_PPL) for r in pts])]
+    missing = [r for r in front if r.ppl_heldout is None]
+    if missing and pool is not None:
+        for r, value in zip(missing, pool.heldout([r.plan for r in missing])):
+            r.ppl_heldout = value
+            _fill_heldout(setup.history_path, r.trial_index, value)
+    rows = [
+        {
+            "trial": r.trial_index,
+            "source": r.source,
+            "model_size_gb": r.model_size,
+            "avg_bits": r.avg_bits,
+            "ppl": r.cal_PPL,
+            "ppl_heldout": r.ppl_heldout,
+        }
+        for r in front
+    ]
+    print(f"Pareto front ({len(front)} of {len(pts)} completed trials; perplexity and size both minimised):")
+    print(cli.table(rows, ["trial", "source", "model_size_gb", "avg_bits", "ppl", "ppl_heldout"]))
+    out = Path(setup.args.best_plan_output or str(setup.history_path) + ".pareto.json")
+    cli.write_json(out, {"front": [{**row, **r.plan.to_json()} for row, r in zip(rows, front)]})
+    print(f"front written to {out}")
 
 
 def _fill_heldout(path: Path, trial_index: int, value: float) -> None:

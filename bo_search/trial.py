@@ -36,6 +36,12 @@ class EvalConfig:
     fp_dtype: str | None = None
     include_lm_head: bool = False
     device: str = "cpu"
+    #: throughput searches: "" (none), "measured" (real kernels) or "predicted" (bytes / bandwidth)
+    throughput_model: str = ""
+    decode_tokens: int = 32
+    prompt_tokens: int = 64
+    decode_repeats: int = 5
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.eval_tokens <= 0:
@@ -46,6 +52,12 @@ class EvalConfig:
             raise UserError(f"--max_seqlen must be at least 2, got {self.max_seqlen}")
         if self.batch_size <= 0:
             raise UserError(f"--batch_size must be positive, got {self.batch_size}")
+        if self.throughput_model:
+            from bo_search.throughput import check_throughput_model
+
+            check_throughput_model(self.throughput_model)
+        if self.decode_tokens <= 0 or self.prompt_tokens <= 0 or self.decode_repeats <= 0:
+            raise UserError("--decode_tokens, --prompt_tokens and --decode_repeats must be positive")
 
     @classmethod
     def from_args(cls, args: Any) -> EvalConfig:
@@ -79,6 +91,34 @@ class ModelContext:
             split_windows(self.tok, self.corpus, "test", cfg.heldout_tokens, cfg.max_seqlen) if heldout and cfg.heldout_tokens > 0 else None
         )
         self.load_s = time.perf_counter() - t0
+        self._bytes_model: Any = None
+        self._compiled = False
+
+    def throughput(self, plan: QuantPlan) -> tuple[Any, Any]:
+        """(Throughput, Perplexity) of a plan per ``cfg.throughput_model``. Measured: on the model with
+        real torchao kernels, perplexity measured on that same model. Predicted: from bytes read per
+        token; the perplexity is the fake-quant one (numerically identical to torchao's Intx layers)."""
+        from bo_search.evaluate import perplexity
+        from bo_search.throughput import BytesModel, RealKernels, measure_bandwidth, measure_decode
+
+        if self.cfg.throughput_model == "predicted":
+            if self._bytes_model is None:
+                self._bytes_model = BytesModel(self.model, self.size_model, measure_bandwidth())
+            self.applier.apply(plan)
+            return self._bytes_model.predict(plan), perplexity(self.model, self.search_windows, self.cfg.batch_size)
+        self.applier.restore()
+        kernels = RealKernels(self.model, self.layers, self.applier.original, self.cfg.device)
+        kernels.apply(plan, self.scheme)
+        try:
+            model = self.model
+            if self.cfg.compile:
+                model = torch.compile(self.model, dynamic=True)
+            ppl = perplexity(model, self.search_windows, self.cfg.batch_size)
+            prompt = self.search_windows.ids[:1, : self.cfg.prompt_tokens + 1].to(self.cfg.device)
+            tp = measure_decode(model, prompt, self.cfg.decode_tokens, self.cfg.decode_repeats)
+        finally:
+            kernels.restore()
+        return tp, ppl
 
     @classmethod
     def from_args(cls, args: Any, heldout: bool = True) -> ModelContext:
@@ -141,7 +181,11 @@ class ModelContext:
             self.applier.apply(plan)
             quantize_s = time.perf_counter() - t0
             t1 = time.perf_counter()
-            ppl = perplexity(self.model, self.search_windows, self.cfg.batch_size)
+            tp = None
+            if self.cfg.throughput_model:
+                tp, ppl = self.throughput(plan)
+            else:
+                ppl = perplexity(self.model, self.search_windows, self.cfg.batch_size)
             evaluate_s = time.perf_counter() - t1
             if not torch.isfinite(torch.tensor(ppl.nll)):
                 raise FloatingPointError(f"non-finite loss ({ppl.nll}) on the search windows")
@@ -150,11 +194,16 @@ class ModelContext:
             reason = f"{type(err).__name__}: {err}".splitlines()[0][:500]
             log.warning("trial %d failed: %s\n%s", trial_index, reason, traceback.format_exc())
             return TrialResult(trial_index, "failed", reason=reason, quantize_s=quantize_s, evaluate_s=evaluate_s, worker_id=worker_id)
+        metrics = {"nll": ppl.nll, "ppl": ppl.ppl, "model_size_gb": size.gb, "avg_bits": size.avg_bits}
+        sems = {"nll": ppl.nll_sem, "ppl": ppl.ppl_sem}
+        if tp is not None:
+            metrics["throughput"] = tp.tokens_per_s
+            sems["throughput"] = tp.sem
         return TrialResult(
             trial_index,
             "completed",
-            metrics={"nll": ppl.nll, "ppl": ppl.ppl, "model_size_gb": size.gb, "avg_bits": size.avg_bits},
-            sems={"nll": ppl.nll_sem, "ppl": ppl.ppl_sem},
+            metrics=metrics,
+            sems=sems,
             quantize_s=quantize_s,
             evaluate_s=evaluate_s,
             worker_id=worker_id,

@@ -41,11 +41,13 @@ class TrialWorker:
         self.load_s = time.perf_counter() - t0
 
     def info(self) -> dict[str, Any]:
+        import ray
         import torch
 
         return {
             "worker_id": self.worker_id,
             "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "load_s": self.load_s,
             "threads": torch.get_num_threads(),
             "device": self.ctx.cfg.device,
@@ -53,6 +55,10 @@ class TrialWorker:
 
     def run(self, trial_index: int, plan_json: str) -> TrialResult:
         return self.ctx.run_trial(trial_index, QuantPlan.loads(plan_json), self.worker_id)
+
+    def measure(self, plan_json: str) -> dict[str, Any]:
+        """Size and search-split perplexity of a plan (baselines)."""
+        return self.ctx.measure(QuantPlan.loads(plan_json), heldout=False)
 
     def heldout(self, plan_json: str) -> float:
         """Held-out perplexity of a plan (for final reports)."""
@@ -216,6 +222,12 @@ class WorkerPool:
         refs = [self.slots[i % len(self.slots)].actor.heldout.remote(p.dumps()) for i, p in enumerate(plans)]
         return [float(x) for x in ray.get(refs)]
 
+    def measure(self, plans: Sequence[QuantPlan]) -> list[dict[str, Any]]:
+        import ray
+
+        refs = [self.slots[i % len(self.slots)].actor.measure.remote(p.dumps()) for i, p in enumerate(plans)]
+        return list(ray.get(refs))
+
     def cancel_all(self) -> list[int]:
         import ray
 
@@ -238,8 +250,8 @@ class WorkerPool:
                 ray.kill(s.actor)
             except Exception:  # already gone
                 pass
-        if self._own_ray and ray.is_initialized():
-            ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()  # stops a cluster we started; only disconnects from a joined one
 
 
 def _first_line(err: BaseException) -> str:

@@ -204,3 +204,35 @@ def test_corrupt_or_foreign_history_is_refused_and_kept(tiny_llama, tmp_path):
     old.write_text("trial_id,cal_PPL,model_size,config\n0,7.9,5.4,\"{'bitwidth.0.': 4}\"\n")
     r = run_cli(base_args(tiny_llama, space, old, "--num_trials", "4"))
     assert r.returncode == 2 and "not a bo_search history" in r.stderr
+
+
+def test_pareto_search_front(tiny_llama, tmp_path):
+    space = tiny_space(tmp_path / "space.json")
+    hist = tmp_path / "p.csv"
+    args = [a for a in base_args(tiny_llama, space, hist, "--num_trials", "6", "--max_ppl", "100000") if a not in ("--avg_bits", "5")]
+    r = run_cli(args, module="bo_search.pareto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Pareto front" in r.stdout
+    rows = [x for x in read_history(hist).rows if x.status == "completed"]
+    assert len(rows) == 6 and all(x.search == "pareto" for x in rows)
+    front = json.loads((tmp_path / "p.csv.pareto.json").read_text())["front"]
+    assert front and all(p["ppl_heldout"] > 1 for p in front)
+    sizes = [p["model_size_gb"] for p in front]
+    ppls = [p["ppl"] for p in front]
+    assert sizes == sorted(sizes) and ppls == sorted(ppls, reverse=True)  # a real trade-off curve
+    # no completed trial dominates a front point
+    for p in front:
+        assert not any(x.model_size < p["model_size_gb"] and x.cal_PPL < p["ppl"] for x in rows)
+
+
+def test_real_model_short_search(tmp_path):
+    hist = tmp_path / "real.csv"
+    r = run_cli(
+        ["--num_trials", "3", "--eval_tokens", "512", "--heldout_tokens", "512", "--history_output", str(hist), "--n_sobol", "0"],
+        timeout=900,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [x for x in read_history(hist).rows if x.status == "completed"]
+    assert len(rows) == 3
+    assert all(10 < x.cal_PPL < 200 for x in rows)  # real pretrained model, >= 4-bit seeds
+    assert "best feasible trial" in r.stdout

@@ -1,0 +1,128 @@
+"""``python -m bo_search.acc_throughput``: highest decode throughput under a perplexity limit.
+
+Throughput is measured on real torchao kernels (``--throughput_model measured``, the default on
+CUDA) or predicted from the bytes each decoded token reads and the measured memory bandwidth
+(``predicted``, the default on CPU, where torchao's quantized linears are slower than dense fp32
+and a measured search would honestly choose no quantization). Predicted values are labelled as such
+in the CSV (``throughput_kind``) and in every printout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from bo_search import cli, runner
+from bo_search.types import QuantPlan, UserError
+
+THROUGHPUT_SPACE = runner.REPO_ROOT / "parameter_spaces" / "smollm2_135m_throughput.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bo_search.acc_throughput",
+        description="Bayesian-optimisation search for the per-layer plan with the highest batch-1 decode throughput whose perplexity "
+        "on the search split stays under a limit. Resumes from its CSV history.",
+    )
+    g = p.add_argument_group("throughput")
+    g.add_argument(
+        "--ppl_constraint",
+        default="+5%",
+        help="perplexity limit: absolute (e.g. 7.5) or relative to full precision (e.g. +3%%); default +5%%",
+    )
+    g.add_argument(
+        "--throughput_model",
+        default=None,
+        choices=["measured", "predicted"],
+        help="measured on real kernels (default on CUDA) or predicted from bytes read per token (default on CPU)",
+    )
+    g.add_argument("--decode_tokens", type=int, default=32, help="new tokens per timed decode (default 32)")
+    g.add_argument("--prompt_tokens", type=int, default=64, help="prompt length before decoding (default 64)")
+    g.add_argument(
+        "--decode_repeats", type=int, default=5, help="timed repeats; the median is reported with its standard error (default 5)"
+    )
+    g.add_argument("--compile", action="store_true", help="torch.compile the model for measured decoding (compile time is excluded)")
+    runner.add_search_args(p, default_history="runs/acc_throughput_history.csv")
+    return p
+
+
+def parse_limit(spec: str) -> tuple[float, bool]:
+    """'7.5' -> (7.5, False); '+3%' -> (0.03, True)."""
+    s = spec.strip()
+    try:
+        if s.endswith("%"):
+            rel = float(s.rstrip("%")) / 100
+            if rel < 0:
+                raise ValueError
+            return rel, True
+        value = float(s)
+    except ValueError:
+        raise UserError(
+            f"--ppl_constraint {spec!r}: give a perplexity (e.g. 7.5) or a relative allowance over full precision (e.g. +3%)"
+        ) from None
+    if not math.isfinite(value) or value <= 1:
+        raise UserError(f"--ppl_constraint {spec!r}: a perplexity limit must be above 1")
+    return value, False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run_main(_main, build_parser(), argv)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from bo_search.driver import Goal
+    from bo_search.throughput import layers_without_kernel
+
+    value, relative = parse_limit(args.ppl_constraint)
+    if args.throughput_model is None:
+        args.throughput_model = "measured" if args.device.startswith("cuda") else "predicted"
+    if args.parameters_list is None and args.checkpoint is None and THROUGHPUT_SPACE.is_file():
+        args.parameters_list = str(THROUGHPUT_SPACE)
+    setup = runner.prepare(args, "throughput")
+    kind = args.throughput_model
+    print(
+        f"throughput model: {kind}"
+        + (" (bytes read per token / measured memory bandwidth; not a timing)" if kind == "predicted" else " (real torchao kernels, timed)")
+    )
+    if kind == "measured":
+        choices = {lq for slot in setup.space.slots for lq in _slot_settings(slot, setup.space.symmetric)}
+        device = "cuda" if args.device.startswith("cuda") else "cpu"
+        slow = sorted({lq.label() for lq in choices if layers_without_kernel(QuantPlan({"x": lq}), device)})
+        if slow:
+            print(
+                f"warning: on {device}, these choices have no fast kernel (stored unpacked by torchao, no speed-up): {', '.join(slow)}",
+                file=sys.stderr,
+            )
+
+    def goal(pool: Any) -> Goal:
+        [fp] = pool.measure([QuantPlan()])
+        limit = fp["ppl"] * (1 + value) if relative else value
+        print(
+            f"full precision: perplexity {fp['ppl']:.4f} on the search split; limit {limit:.4f}"
+            + (f" (+{100 * value:g}%)" if relative else "")
+        )
+        if limit < fp["ppl"]:
+            raise UserError(
+                f"--ppl_constraint {limit:.4g} is below the full-precision perplexity {fp['ppl']:.4g} on the search split: no plan can meet it"
+            )
+        return Goal(objective="throughput", minimize=False, constraint_metric="ppl", limit=limit, search="throughput")
+
+    seeds = (
+        runner.seeds_for(setup, args.initial_samples, setup.max_gb)
+        if args.initial_samples not in ("uniform",)
+        else runner.ladder_seeds(setup)
+    )
+    return runner.run_search(setup, goal, seeds, row_extra={"throughput_kind": kind})
+
+
+def _slot_settings(slot: Any, symmetric: bool) -> list[Any]:
+    from bo_search.types import LayerQuant
+
+    return [LayerQuant(b, g, symmetric) for b in slot.bits.values for g in slot.group_size.values]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+import pytest
+import torch
+
+from bo_search.acc_throughput import parse_limit
+from bo_search.quant import uniform_plan
+from bo_search.throughput import BytesModel, RealKernels, decode_once, layers_without_kernel, measure_decode
+from bo_search.types import LayerQuant, QuantPlan, UserError
+
+
+def test_parse_limit():
+    assert parse_limit("7.5") == (7.5, False)
+    assert parse_limit("+3%") == pytest.approx((0.03, True))
+    for bad in ("abc", "0.5", "-3%"):
+        with pytest.raises(UserError, match="--ppl_constraint"):
+            parse_limit(bad)
+
+
+def test_bytes_model_orders_plans(tiny_ctx):
+    bm = BytesModel(tiny_ctx.model, tiny_ctx.size_model, bandwidth=1e10)
+    fp, q8, q4 = (uniform_plan(tiny_ctx.layers, lq) for lq in (LayerQuant(16), LayerQuant(8, -1), LayerQuant(4, 32)))
+    # tied embeddings are read in full as lm_head: full precision reads the whole model per token
+    assert bm.bytes_per_token(fp) == pytest.approx(tiny_ctx.size_model.report(fp).total_bytes)
+    t = [bm.predict(p) for p in (fp, q8, q4)]
+    assert t[0].tokens_per_s < t[1].tokens_per_s < t[2].tokens_per_s
+    assert all(x.kind == "predicted" for x in t)
+
+
+def test_real_kernels_cpu_equal_fake_quant_and_restore(tiny_ctx):
+    from bo_search.evaluate import perplexity
+
+    ctx = tiny_ctx
+    plan = QuantPlan({li.fqn: (LayerQuant(4, 32) if i % 2 else LayerQuant(8, -1)) for i, li in enumerate(ctx.layers.linears)})
+    ctx.applier.apply(plan)
+    fake = perplexity(ctx.model, ctx.search_windows).nll
+    ctx.applier.restore()
+    before = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+    rk = RealKernels(ctx.model, ctx.layers, ctx.applier.original, "cpu")
+    rk.apply(plan, ctx.scheme)
+    w = dict(ctx.model.named_modules())[ctx.layers.linears[0].fqn].weight
+    assert type(w).__name__ != "Parameter" or type(w.data).__name__ != "Tensor"  # a torchao tensor subclass
+    real = perplexity(ctx.model, ctx.search_windows).nll
+    rk.restore()
+    assert real == pytest.approx(fake, rel=1e-5)
+    after = ctx.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_decode_timing_path(tiny_ctx):
+    prompt = tiny_ctx.search_windows.ids[:1, :17]
+    assert decode_once(tiny_ctx.model, prompt, 4) > 0
+    tp = measure_decode(tiny_ctx.model, prompt, new_tokens=8, repeats=3)
+    assert tp.tokens_per_s > 0 and tp.sem >= 0 and tp.kind == "measured"
+
+
+def test_kernel_availability():
+    plan = QuantPlan({"a": LayerQuant(4, 64), "b": LayerQuant(8, -1), "c": LayerQuant(3, 64), "d": LayerQuant(16)})
+    assert layers_without_kernel(plan, "cuda") == ["c"]
+    assert layers_without_kernel(plan, "cpu") == ["a", "b", "c"]
+
+
+@pytest.mark.slow
+def test_throughput_search_predicted_csv_and_resume(tiny_llama, tmp_path):
+    from test_search import base_args, run_cli, tiny_space
+
+    from bo_search.history import read_history
+
+    space = tiny_space(tmp_path / "space.json")
+    hist = tmp_path / "t.csv"
+    args = [a for a in base_args(tiny_llama, space, hist, "--ppl_constraint", "+50%", "--num_trials", "4") if a not in ("--avg_bits", "5")]
+    r = run_cli(args, module="bo_search.acc_throughput")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "throughput model: predicted" in r.stdout and "tok/s predicted" in r.stdout
+    header = hist.read_text().splitlines()[0].split(",")
+    assert {"cal_PPL", "cal_throughput", "throughput_kind"} <= set(header)
+    rows = [x for x in read_history(hist).rows if x.status == "completed"]
+    assert len(rows) == 4 and all(x.throughput_kind == "predicted" and x.cal_throughput > 0 for x in rows)
+    args6 = [a if a != "4" else "6" for a in args]
+    r = run_cli(args6, module="bo_search.acc_throughput")
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-3000:]
+    assert sum(x.status in ("completed", "failed") for x in read_history(hist).rows) == 6
+    r = run_cli([a if a != "+50%" else "1.0001" for a in args6], module="bo_search.acc_throughput")
+    assert r.returncode == 2
+
+
+@pytest.mark.slow
+def test_ppl_limit_below_full_precision_is_refused(tiny_llama, tmp_path):
+    from test_search import base_args, run_cli, tiny_space
+
+    space = tiny_space(tmp_path / "space.json")
+    hist = tmp_path / "t.csv"
+    args = [a for a in base_args(tiny_llama, space, hist, "--ppl_constraint", "1.5", "--num_trials", "4") if a not in ("--avg_bits", "5")]
+    r = run_cli(args, module="bo_search.acc_throughput")
+    assert r.returncode == 2 and "below the full-precision perplexity" in r.stderr and "Traceback" not in r.stderr
+    assert not hist.exists() or "completed" not in hist.read_text()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_real_kernels_timed_model_ppl_matches(tmp_path):
+    from bo_search.evaluate import perplexity
+    from bo_search.trial import EvalConfig, ModelContext
+
+    ctx = ModelContext(EvalConfig(device="cuda:0", eval_tokens=1024, heldout_tokens=0, throughput_model="measured"))
+    plan = uniform_plan(ctx.layers, LayerQuant(4, 64))
+    assert layers_without_kernel(plan, "cuda") == []
+    tp, ppl = ctx.throughput(plan)
+    assert tp.kind == "measured" and tp.tokens_per_s > 0
+    ctx.applier.apply(plan)
+    fake = perplexity(ctx.model, ctx.search_windows).ppl
+    ctx.applier.restore()
+    assert ppl.ppl == pytest.approx(fake, rel=0.05)  # tinygemm int4 numerics differ slightly from fake quant
