@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="PLAN.json",
-        help="a plan JSON written by a search or by `bo_search.report --export`",
+        help="a plan JSON written by a search (HISTORY.best_plan.json) or by bo_search.report (HISTORY_report/export_trial_N/plan.json)",
     )
     g.add_argument(
         "--uniform",

@@ -4,10 +4,12 @@ Three methods (a registry: an unknown name gets "did you mean"), all on the cali
 is disjoint from the search and held-out splits (see :mod:`bo_search.data`):
 
 ``fit``
-    Diagonal empirical Fisher ``F = mean over windows of g_w ** 2``, where ``g_w`` is the gradient of
-    window ``w``'s mean next-token loss (logits at positions ``0..T-1`` predict tokens ``1..T``).
-    Every window is used once and gets its own backward pass, so the cost is one forward and one
-    backward (about 3 forward-equivalents) per window. Predicted loss increase of a setting:
+    Diagonal Fisher ``F = mean over windows of g_w ** 2``, where ``g_w`` is the gradient of window
+    ``w``'s mean next-token loss (logits at positions ``0..T-1`` predict tokens ``1..T``), with the
+    targets sampled from the model (``--fisher_labels model``, the Fisher information; default) or
+    taken from the text (``data``, the empirical Fisher). Every window is used once and has its own
+    gradient (batched, per-window gradients from hooks): about 3 forward-equivalents per window.
+    Predicted loss increase of a setting:
     ``0.5 * sum(F * dW ** 2)`` with ``dW`` that setting's real quantization error. Per-layer score:
     the Fisher trace ``sum(F)``.
 ``hessian``
@@ -19,8 +21,9 @@ is disjoint from the search and held-out splits (see :mod:`bo_search.data`):
     records the errors. Predicted loss increase: ``0.5 * max(trace, 0) / numel * ||dW||^2``.
 ``measured``
     Quantize one slot of the space (a block, by default) at one candidate setting, everything else
-    at full precision, and measure the mean next-token NLL increase (or, with ``--metric kl``, the
-    KL divergence to the full-precision predictions) on the calibration windows. The blocks before
+    at full precision, and measure the mean KL divergence to the full-precision next-token
+    predictions (``--metric kl``, default) or the mean NLL increase (``nll``) on the calibration
+    windows; both come from the same forward passes and both are recorded. The blocks before
     the quantized one are replayed from a cached full-precision pass, which halves the cost.
 
 The per-choice costs are additive across layers (a second-order Taylor expansion around the
@@ -43,7 +46,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,7 @@ log = logging.getLogger(__name__)
 FORMAT = "bo_search.sensitivity/1"
 STOP_RULES = ("layers", "total")
 MEASURED_METRICS = ("nll", "kl")
+FISHER_LABELS = ("data", "model")
 #: calibration windows per method when --nsamples is not given (measured costs one forward per slot and choice)
 DEFAULT_NSAMPLES = {"fit": 8, "hessian": 8, "measured": 2}
 
@@ -87,7 +91,8 @@ class SensitivityConfig:
     max_iter: int = 100
     tol: float = 0.1
     stop_on: str = "layers"
-    metric: str = "nll"
+    metric: str = "kl"
+    fisher_labels: str = "model"
     seed: int = 0
     time_eval: bool = True  # also time one evaluation pass over the windows (for the cost ratio)
 
@@ -108,6 +113,8 @@ class SensitivityConfig:
             raise did_you_mean(self.stop_on, STOP_RULES, "stopping rule")
         if self.metric not in MEASURED_METRICS:
             raise did_you_mean(self.metric, MEASURED_METRICS, "measured metric")
+        if self.fisher_labels not in FISHER_LABELS:
+            raise did_you_mean(self.fisher_labels, FISHER_LABELS, "Fisher labels")
 
     @property
     def windows(self) -> int:
@@ -306,23 +313,98 @@ def window_loss(model: Any, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
+def sample_labels(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One draw per row from ``softmax(logits)`` by inverse CDF (torch.multinomial is 10x slower here)."""
+    cdf = torch.softmax(logits.float(), -1).cumsum_(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=gen, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+
+
 def fisher_diagonal(
-    model: Any, weights: Mapping[str, torch.nn.Parameter], ids: torch.Tensor, progress: Callable[..., Any] | None = None
+    model: Any,
+    fqns: Sequence[str],
+    ids: torch.Tensor,
+    batch_size: int = 4,
+    progress: Callable[..., Any] | None = None,
+    labels: str = "model",
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Mean over windows (rows of ``ids``) of the squared gradient of each window's mean loss."""
-    device = next(iter(weights.values())).device
-    params = list(weights.values())
-    acc = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-    rows = range(ids.shape[0])
-    with _grad_on(params):
-        for i in progress(rows, desc="FIT windows") if progress else rows:
-            loss = window_loss(model, ids[i : i + 1].to(device))
-            grads = torch.autograd.grad(loss, params)
-            for a, g in zip(acc, grads):
-                a.addcmul_(g, g)
-            del grads, loss
+    """Mean over windows (rows of ``ids``) of the squared gradient of each window's mean next-token
+    loss, for the weights of the linear layers ``fqns``.
+
+    ``labels="model"`` (default): the targets are sampled from the model's own next-token
+    distribution (one draw per position, ``seed``), which makes this the Fisher information: the
+    score of a sampled label has zero mean, so the cross-token terms of a window's squared gradient
+    vanish in expectation and the estimate is the per-token Fisher diagonal / T. ``labels="data"``:
+    the text's own next tokens (the empirical Fisher, the original tool's choice); its cross-token
+    terms do not vanish and, on SmolLM2, let a few outlier tokens dominate (see the README figures).
+
+    Windows are batched, and the per-window weight gradients come from hooks: a linear layer's
+    gradient for window n is ``sum_t delta[n, t] outer x[n, t]`` (output gradient times input), one
+    batched matmul, the same work autograd's own weight gradient would do. Autograd only propagates
+    activation gradients (from a leaf at the embedding output), so one batch costs about one forward
+    and one backward pass.
+    """
+    if labels not in FISHER_LABELS:
+        raise did_you_mean(labels, FISHER_LABELS, "Fisher labels")
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    modules = dict(model.named_modules())
+    lins = {f: modules[f] for f in fqns}
+    for f, mod in lins.items():
+        if not isinstance(mod, torch.nn.Linear):
+            raise TypeError(f"{f} is a {type(mod).__name__}, not a torch.nn.Linear")
+    device = next(model.parameters()).device
+    acc = {f: torch.zeros_like(mod.weight, dtype=torch.float32) for f, mod in lins.items()}
+    seen: dict[str, int] = {}
+
+    def capture(fqn: str) -> Callable[..., None]:
+        def hook(_mod: Any, args: tuple[Any, ...], out: torch.Tensor) -> None:
+            seen[fqn] = seen.get(fqn, 0) + 1
+            x = args[0].detach()
+
+            def on_grad(g: torch.Tensor) -> None:
+                xs = x.reshape(x.shape[0], -1, x.shape[-1]).float()
+                gs = g.reshape(g.shape[0], -1, g.shape[-1]).float()
+                per_window = torch.bmm(gs.transpose(1, 2), xs)  # (n, out, in)
+                acc[fqn].add_(per_window.square_().sum(0))
+
+            if out.requires_grad:
+                out.register_hook(on_grad)
+
+        return hook
+
+    leaves: list[torch.Tensor] = []
+
+    def leaf(_mod: Any, _args: Any, out: torch.Tensor) -> torch.Tensor:
+        t = out.detach().requires_grad_(True)
+        leaves.append(t)
+        return t
+
+    handles = [mod.register_forward_hook(capture(f)) for f, mod in lins.items()]
+    handles.append(model.get_input_embeddings().register_forward_hook(leaf))
+    starts = range(0, ids.shape[0], batch_size)
+    try:
+        with torch.enable_grad():
+            for start in progress(starts, desc="FIT batches") if progress else starts:
+                batch = ids[start : start + batch_size].to(device)
+                leaves.clear()
+                seen.clear()
+                logits = model(input_ids=batch[:, :-1], use_cache=False).logits.flatten(0, 1).float()
+                if labels == "model":
+                    target = sample_labels(logits.detach(), gen)
+                else:
+                    target = batch[:, 1:].flatten()
+                # the sum over windows of each window's mean loss: its gradient in window n's activations is window n's
+                loss = F.cross_entropy(logits, target, reduction="sum") / (batch.shape[1] - 1)
+                torch.autograd.grad(loss, leaves)
+                if any(c != 1 for c in seen.values()) or len(seen) != len(lins):
+                    raise RuntimeError("FIT expects every scored linear layer to run exactly once per forward pass")
+                del logits, loss
+    finally:
+        for h in handles:
+            h.remove()
     n = ids.shape[0]
-    return {f: a.div_(n) for f, a in zip(weights, acc)}
+    return {f: a.div_(n) for f, a in acc.items()}
 
 
 @dataclass(frozen=True)
@@ -564,6 +646,9 @@ def compute(
         ppl = perplexity(ctx.model, windows, cfg.batch_size)
         timings["eval_pass_s"] = time.perf_counter() - t1
         timings["ratio_to_eval_pass"] = compute_s / max(timings["eval_pass_s"], 1e-9)
+        for part in ("gradients_s", "hvp_s"):
+            if part in timings:
+                timings[part.removesuffix("_s") + "_ratio_to_eval_pass"] = timings[part] / max(timings["eval_pass_s"], 1e-9)
         details = {**details, "calibration_nll": ppl.nll}
     return Sensitivity(
         method=cfg.method,
@@ -595,7 +680,7 @@ def _run_fit(
     ctx: Any, space: Any, cfg: SensitivityConfig, slots: Any, weights: Any, choices: Any, ids: torch.Tensor, progress: Any
 ) -> _Out:
     t0 = time.perf_counter()
-    fisher = fisher_diagonal(ctx.model, weights, ids, progress)
+    fisher = fisher_diagonal(ctx.model, list(weights), ids, cfg.batch_size, progress, labels=cfg.fisher_labels, seed=cfg.seed)
     grad_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     costs = fit_costs(weights, fisher, choices, ctx.scheme)
@@ -604,7 +689,7 @@ def _run_fit(
         {f: (f,) for f in weights},
         scores,
         costs,
-        {"score": "Fisher trace sum(F)"},
+        {"score": "Fisher trace sum(F)", "fisher_labels": cfg.fisher_labels},
         {"gradients_s": grad_s, "cost_table_s": time.perf_counter() - t1},
     )
 
@@ -678,16 +763,11 @@ METHODS: dict[str, Callable[..., _Out]] = {"fit": _run_fit, "hessian": _run_hess
 
 
 def cache_key(
-    model_id: str,
-    method: str,
-    corpus_id: str,
-    n_windows: int,
-    seq_len: int,
-    space_id: str,
-    scheme: Mapping[str, Any],
-    include_lm_head: bool,
+    cfg: SensitivityConfig, model_id: str, corpus_id: str, space_id: str, scheme: Mapping[str, Any], include_lm_head: bool
 ) -> str:
-    blob = json.dumps([FORMAT, model_id, method, corpus_id, n_windows, seq_len, space_id, dict(sorted(scheme.items())), include_lm_head])
+    """Everything the table depends on: model, method and its settings, calibration windows, space, scheme."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("nsamples", "batch_size", "time_eval")}
+    blob = json.dumps([FORMAT, model_id, settings, cfg.windows, corpus_id, space_id, dict(sorted(scheme.items())), include_lm_head])
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
@@ -711,9 +791,7 @@ def cached_sensitivity(
     cfg = SensitivityConfig(method=method, nsamples=nsamples, seq_len=eval_cfg.max_seqlen, batch_size=eval_cfg.batch_size, time_eval=False)
     corpus = load_corpus(eval_cfg.eval_text)
     scheme = {"scale_dtype": eval_cfg.scale_dtype, "zero_bits": eval_cfg.zero_bits, "mse_clip": eval_cfg.mse_clip}
-    key = cache_key(
-        ref.fingerprint, method, corpus.fingerprint, cfg.windows, cfg.seq_len, space.fingerprint, scheme, eval_cfg.include_lm_head
-    )
+    key = cache_key(cfg, ref.fingerprint, corpus.fingerprint, space.fingerprint, scheme, eval_cfg.include_lm_head)
     path = cache_dir() / "sensitivity" / f"{ref.fingerprint}-{method}-{key}.json"
     if path.is_file():
         try:
@@ -811,9 +889,21 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument(
         "--stop_on", default="layers", choices=STOP_RULES, help="layers: every layer's error; total: the total's (default layers)"
     )
-    h.add_argument("--seed", type=int, default=0, help="random seed of the Rademacher vectors (default 0)")
+    h.add_argument("--seed", type=int, default=0, help="random seed of the Rademacher vectors and the sampled labels (default 0)")
     m = p.add_argument_group("measured")
-    m.add_argument("--metric", default="nll", choices=MEASURED_METRICS, help="cost = mean NLL increase (default) or KL to full precision")
+    m.add_argument(
+        "--metric",
+        default="kl",
+        choices=MEASURED_METRICS,
+        help="cost = mean KL divergence to the full-precision predictions (default; far less noisy) or mean NLL increase; both are recorded",
+    )
+    f = p.add_argument_group("fit")
+    f.add_argument(
+        "--fisher_labels",
+        default="model",
+        choices=FISHER_LABELS,
+        help="targets of the gradients: sampled from the model (default; the Fisher information) or the text's (empirical Fisher)",
+    )
     p.add_argument("--output", default=None, metavar="SENS.json", help="write the table here")
     p.add_argument("--compare", nargs="+", default=None, metavar="SENS.json", help="print correlations between these tables and exit")
     return p
@@ -872,6 +962,7 @@ def _main(args: argparse.Namespace) -> int:
         tol=args.tol,
         stop_on=args.stop_on,
         metric=args.metric,
+        fisher_labels=args.fisher_labels,
         seed=args.seed,
     )
     blocks = _blocks(args, setup.layers.n_blocks)
@@ -896,6 +987,10 @@ def _print_summary(sens: Sensitivity) -> None:
     line = f"{sens.method}: {w['n_windows']} windows x {w['seq_len']} tokens in {t['compute_s']:.1f} s"
     if "eval_pass_s" in t:
         line += f"; one evaluation pass over the same tokens {t['eval_pass_s']:.1f} s; ratio {t['ratio_to_eval_pass']:.2f}"
+        if "gradients_s" in t:
+            line += f" (gradient passes {t['gradients_s']:.1f} s = {t['gradients_ratio_to_eval_pass']:.2f} evaluation passes, cost table {t['cost_table_s']:.1f} s)"
+        if "hvp_s" in t:
+            line += f" (Hessian-vector products {t['hvp_s']:.1f} s, cost table {t['cost_table_s']:.1f} s)"
     print(line)
     d = sens.details
     if sens.method == "hessian":
