@@ -62,7 +62,7 @@ STOP_RULES = ("layers", "total")
 MEASURED_METRICS = ("nll", "kl")
 FISHER_LABELS = ("data", "model")
 #: calibration windows per method when --nsamples is not given (measured costs one forward per slot and choice)
-DEFAULT_NSAMPLES = {"fit": 8, "hessian": 8, "measured": 2}
+DEFAULT_NSAMPLES = {"fit": 8, "hessian": 8, "measured": 1}
 
 
 def choice_key(lq: LayerQuant) -> str:
@@ -151,6 +151,12 @@ class Sensitivity:
             for key, val in row.items():
                 if not isinstance(val, (int, float)) or not math.isfinite(val):
                     raise UserError(f"sensitivity: cost of {unit} at {key} is {val!r}, not a finite number")
+
+    @property
+    def label(self) -> str:
+        """The method with its variant, e.g. ``fit[model]``, ``measured[kl]``."""
+        variant = {"fit": self.details.get("fisher_labels"), "measured": self.details.get("metric")}.get(self.method)
+        return f"{self.method}[{variant}]" if variant else self.method
 
     # -- JSON ---------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -1011,7 +1017,7 @@ def _compare(args: argparse.Namespace, setup: Any) -> int:
     for path in args.compare:
         sens = Sensitivity.load(path)
         sens.check_model(setup.ref.fingerprint, setup.ref.name, setup.layers.fqns)
-        name = sens.method if sens.method not in tables else f"{sens.method}:{Path(path).name}"
+        name = sens.label if sens.label not in tables else f"{sens.label}:{Path(path).name}"
         tables[name] = sens
     if len(tables) < 2:
         raise UserError("--compare needs at least two sensitivity JSON files")

@@ -65,14 +65,12 @@ def main() -> int:
     for path in args.sens:
         sens = Sensitivity.load(path)
         sens.check_model(setup.ref.fingerprint, setup.ref.name, setup.layers.fqns)
-        name = {"measured": f"measured_{sens.details.get('metric', 'nll')}", "fit": f"fit_{sens.details.get('fisher_labels', 'data')}"}.get(
-            sens.method, sens.method
-        )
+        name = sens.label
         tables[name] = sens
         other = {"nll": "kl", "kl": "nll"}.get(str(sens.details.get("metric")))
         if sens.method == "measured" and other and f"{other}_costs" in sens.details:
             # the same forward passes also measured the other metric: price allocations with it too
-            tables[f"measured_{other}"] = dataclasses.replace(sens, costs=sens.details[f"{other}_costs"])
+            tables[f"measured[{other}]"] = dataclasses.replace(sens, costs=sens.details[f"{other}_costs"])
     slot_tables = {name: t.slot_costs(space) for name, t in tables.items()}
 
     ub, ug = (int(x) for x in args.uniform.split(":"))
