@@ -39,8 +39,10 @@ def add_search_args(p: argparse.ArgumentParser, default_history: str) -> None:
         "--initial_samples",
         default="uniform",
         metavar="SAMPLES.json|uniform|auto|none",
-        help="seeds evaluated first: a seed-format JSON file; 'uniform' (default): the largest uniform plans that fit the budget; "
-        "'auto': allocations from sensitivity (bo_search.seed); 'none'",
+        help="seeds evaluated first: a seed-format JSON file; 'uniform' (default): per group size, the widest uniform plan that "
+        "fits and that plan with blocks upgraded (first and last first) to fill the budget; 'auto': FIT sensitivity on the "
+        "calibration split (about a minute for the embedded model on 2 CPU cores, then cached), exact knapsack allocations at "
+        "100/98/96%% of the budget, the greedy one, and the 2 budget-filling uniform seeds FIT predicts best; 'none': Sobol only",
     )
     g.add_argument(
         "--history_output",
@@ -106,11 +108,21 @@ class Setup:
     fp_gb: float
 
 
+def resolve_space(parameters_list: str | None, layers: Any, ref: Any) -> Any:
+    """``--parameters_list``, else the shipped space of the embedded model, else one (bits, group) per block."""
+    from bo_search.space import build_space, default_space_spec, load_space
+
+    if parameters_list:
+        return load_space(parameters_list, layers)
+    if ref.hf_dir is None and ref.gguf is not None and ref.name.startswith("embedded") and EMBEDDED_SPACE.is_file():
+        return load_space(EMBEDDED_SPACE, layers)
+    return build_space(default_space_spec(layers), layers, "<default per-block space>")
+
+
 def prepare(args: argparse.Namespace, search: str) -> Setup:
     from bo_search.history import read_history
     from bo_search.model import discover_layers, load_structure
     from bo_search.quant import QuantScheme, SizeModel, space_size_bounds
-    from bo_search.space import build_space, default_space_spec, load_space
     from bo_search.trial import EvalConfig
 
     if args.num_trials < 1:
@@ -120,12 +132,7 @@ def prepare(args: argparse.Namespace, search: str) -> Setup:
     eval_cfg = EvalConfig.from_args(args)
     model, ref = load_structure(args.checkpoint)
     layers = discover_layers(model, include_lm_head=args.include_lm_head)
-    if args.parameters_list:
-        space = load_space(args.parameters_list, layers)
-    elif ref.hf_dir is None and ref.gguf is not None and ref.name.startswith("embedded") and EMBEDDED_SPACE.is_file():
-        space = load_space(EMBEDDED_SPACE, layers)
-    else:
-        space = build_space(default_space_spec(layers), layers, "<default per-block space>")
+    space = resolve_space(args.parameters_list, layers, ref)
     scheme = QuantScheme(scale_dtype=args.scale_dtype, zero_bits=args.zero_bits, mse_clip=args.mse_clip)
     size_model = SizeModel(model, layers, scheme, args.fp_dtype)
     lo, hi = space_size_bounds(space, size_model)
@@ -189,13 +196,9 @@ def ladder_seeds(setup: Setup) -> list[dict[str, int]]:
     """Uniform plans at every bit width of the space (middle group size): seeds spanning a trade-off."""
     space = setup.space
     groups = sorted({v for p in space.tunable if p.kind == "group_size" for v in p.values})
-    g = groups[len(groups) // 2] if groups else 0
-    seeds = []
-    for b in sorted({v for p in space.tunable if p.kind == "bits" for v in p.values}):
-        vals = {p.name: (b if p.kind == "bits" else g) for p in space.tunable}
-        if all(vals[p.name] in p.values for p in space.tunable):
-            seeds.append(vals)
-    return seeds
+    g = groups[len(groups) // 2] if groups else None
+    bits = sorted({v for p in space.tunable if p.kind == "bits" for v in p.values})
+    return [vals for b in bits if (vals := space.uniform(b, g, check_fixed=False)) is not None]
 
 
 def run_search(

@@ -17,16 +17,6 @@ from bo_search.types import UserError
 log = logging.getLogger(__name__)
 
 
-def _set_all(space: SearchSpace, bits: int, group: int) -> dict[str, int] | None:
-    vals: dict[str, int] = {}
-    for p in space.tunable:
-        v = bits if p.kind == "bits" else group
-        if v not in p.values:
-            return None
-        vals[p.name] = v
-    return vals
-
-
 def _interleaved(n: int) -> list[int]:
     """0, n-1, 1, n-2, ...: first and last blocks first (they are usually the most sensitive)."""
     out: list[int] = []
@@ -48,7 +38,7 @@ def uniform_seeds(space: SearchSpace, size_model: SizeModel, limit_gb: float) ->
     for g in group_choices:
         best: dict[str, int] | None = None
         for b in bits_choices:
-            vals = _set_all(space, b, g) if g is not None else _set_all_bits(space, b)
+            vals = space.uniform(b, g, check_fixed=False)
             if vals is not None and size_model.gb(space.decode(vals)) <= limit_gb:
                 best = vals
         if best is None:
@@ -72,51 +62,6 @@ def uniform_seeds(space: SearchSpace, size_model: SizeModel, limit_gb: float) ->
         if s not in unique:
             unique.append(s)
     return unique
-
-
-def _set_all_bits(space: SearchSpace, bits: int) -> dict[str, int] | None:
-    vals: dict[str, int] = {}
-    for p in space.tunable:
-        if p.kind == "bits":
-            if bits not in p.values:
-                return None
-            vals[p.name] = bits
-    return vals
-
-
-def random_feasible(space: SearchSpace, size_gb: Any, limit_gb: float, rng: Any) -> dict[str, int]:
-    """A random plan that fits: random choices, then random downgrades (fewer bits, else larger
-    groups) until it fits, then random upgrades while it still fits. ``rng`` is a ``random.Random``."""
-    vals = {p.name: rng.choice(p.values) for p in space.tunable}
-    params = space.tunable
-
-    def cheaper(p: Any, v: int) -> int | None:
-        i = p.values.index(v)
-        return (
-            p.values[i - 1]
-            if p.kind == "bits" and i > 0
-            else (p.values[i + 1] if p.kind == "group_size" and i + 1 < len(p.values) else None)
-        )
-
-    def dearer(p: Any, v: int) -> int | None:
-        i = p.values.index(v)
-        return (
-            p.values[i + 1]
-            if p.kind == "bits" and i + 1 < len(p.values)
-            else (p.values[i - 1] if p.kind == "group_size" and i > 0 else None)
-        )
-
-    while size_gb(space.decode(vals)) > limit_gb:
-        options = [(p, c) for p in params if (c := cheaper(p, vals[p.name])) is not None]
-        if not options:
-            break
-        p, c = rng.choice(options)
-        vals[p.name] = c
-    for p in rng.sample(params, len(params)):
-        up = dearer(p, vals[p.name])
-        if up is not None and size_gb(space.decode({**vals, p.name: up})) <= limit_gb:
-            vals[p.name] = up
-    return vals
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,9 +343,14 @@ def auto_seeds(setup: Any, limit_gb: float) -> list[dict[str, int]]:
     from bo_search.sensitivity import cached_sensitivity
 
     t0 = time.perf_counter()
+    print(
+        f"--initial_samples auto: {AUTO_METHOD} sensitivity on the calibration split (computed once per model and space, then cached)",
+        flush=True,
+    )
     sens, path, hit = cached_sensitivity(setup.eval_cfg, setup.ref, setup.layers, setup.space, AUTO_METHOD, progress=cli.progress)
-    log.info(
-        "%s sensitivity %s %s in %.1f s", AUTO_METHOD, "read from" if hit else "computed and cached in", path, time.perf_counter() - t0
+    print(
+        f"{AUTO_METHOD} sensitivity {'read from' if hit else 'computed and cached in'} {path} ({time.perf_counter() - t0:.1f} s)",
+        flush=True,
     )
     seeds = allocate(setup.space, setup.size_model, sens, limit_gb, solvers=("exact",)) + allocate(
         setup.space, setup.size_model, sens, limit_gb, solvers=("greedy",), fractions=(1.0,)

@@ -163,17 +163,23 @@ class SearchSpace:
                 vals[p.name] = max(p.values, key=lambda g: float("inf") if g == PER_CHANNEL else g)
         return vals
 
-    def uniform(self, bits: int, group_size: int) -> dict[str, int] | None:
-        """Tunable parameters of the uniform plan, or None when some slot cannot take it."""
+    def uniform(self, bits: int, group_size: int | None = None, *, check_fixed: bool = True) -> dict[str, int] | None:
+        """Tunable parameters of the uniform plan, or None when some slot cannot take it.
+
+        ``group_size=None`` sets only the bit widths (for spaces without tunable group sizes);
+        ``check_fixed=False`` ignores the fixed parameters (seeds only set the tunable ones)."""
         vals: dict[str, int] = {}
         for p in self.tunable:
+            if p.kind != "bits" and group_size is None:
+                continue
             v = bits if p.kind == "bits" else group_size
             if v not in p.values:
                 return None
             vals[p.name] = v
-        for p in self.params.values():
-            if not p.is_tunable and p.values[0] != (bits if p.kind == "bits" else group_size):
-                return None
+        if check_fixed:
+            for p in self.params.values():
+                if not p.is_tunable and p.values[0] != (bits if p.kind == "bits" else group_size):
+                    return None
         return vals
 
 

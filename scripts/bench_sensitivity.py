@@ -2,7 +2,7 @@
 
 At a size budget equal to uniform 3-bit g64 (``--uniform``), evaluates on the held-out windows:
 full precision, the uniform plan, the exact and greedy allocations of every sensitivity table given,
-and ``--n_random`` random feasible plans at the same budget (``seeding.random_feasible``). Prints:
+and ``--n_random`` random feasible plans at the same budget (``budget.random_feasible``). Prints:
 
 - held-out perplexity of each plan (exact vs uniform vs random),
 - per method, the Spearman and Pearson correlations between the predicted loss increase and the
@@ -50,8 +50,9 @@ def main() -> int:
     from scipy.stats import pearsonr, spearmanr
 
     from bo_search import cli
+    from bo_search.budget import SlotSizes, random_feasible
     from bo_search.evaluate import window_nll
-    from bo_search.seeding import allocate, random_feasible
+    from bo_search.seeding import allocate
     from bo_search.sensitivity import Sensitivity, correlations, structure_setup
     from bo_search.trial import EvalConfig, ModelContext
     from bo_search.types import QuantPlan
@@ -83,7 +84,8 @@ def main() -> int:
         for seed in allocate(space, sm, sens, limit, solvers=("exact", "greedy"), fractions=(1.0,)):
             plans.append((f"{seed.solver} ({name})", seed.values))
     rng = random.Random(args.seed)
-    randoms = [random_feasible(space, sm.gb, limit, rng) for _ in range(args.n_random)]
+    sizes = SlotSizes(space, sm)
+    randoms = [random_feasible(sizes, limit, rng) for _ in range(args.n_random)]
     plans += [(f"random {i}", v) for i, v in enumerate(randoms)]
 
     t0 = time.perf_counter()

@@ -9,6 +9,7 @@ import random
 import pytest
 from layers import smollm2
 
+from bo_search.budget import SlotSizes, random_feasible
 from bo_search.quant import QuantScheme, SizeModel
 from bo_search.seeding import (
     Knapsack,
@@ -18,7 +19,6 @@ from bo_search.seeding import (
     get_solver,
     greedy,
     pick_values,
-    random_feasible,
     total_bits_limit,
 )
 from bo_search.sensitivity import Sensitivity, choice_key
@@ -179,8 +179,9 @@ def test_random_feasible_plans_never_beat_the_exact_allocation():
     best = allocate(space, sm, sens, limit, fractions=(1.0,))[0]
     tables = sens.slot_costs(space)
     rng = random.Random(0)
+    sizes = SlotSizes(space, sm)
     for _ in range(10):
-        vals = random_feasible(space, sm.gb, limit, rng)
+        vals = random_feasible(sizes, limit, rng)
         assert sens.predicted(space, vals, tables) >= best.predicted - 1e-12
 
 

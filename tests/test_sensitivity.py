@@ -373,9 +373,10 @@ def test_fit_on_real_model_is_cheap_and_its_allocation_is_sane(real_ctx):
     and 1000x better than a random feasible plan of the same size (72,480)."""
     import random
 
+    from bo_search.budget import SlotSizes, random_feasible
     from bo_search.evaluate import perplexity
     from bo_search.runner import EMBEDDED_SPACE
-    from bo_search.seeding import allocate, random_feasible
+    from bo_search.seeding import allocate
     from bo_search.space import load_space
 
     ctx = real_ctx
@@ -389,7 +390,7 @@ def test_fit_on_real_model_is_cheap_and_its_allocation_is_sane(real_ctx):
     limit = ctx.size_model.gb(space.decode(uniform))
     best = allocate(space, ctx.size_model, sens, limit, fractions=(1.0,))[0]
     assert best.size_gb <= limit and best.predicted < sens.predicted(space, uniform, tables)
-    rnd = random_feasible(space, ctx.size_model.gb, limit, random.Random(0))
+    rnd = random_feasible(SlotSizes(space, ctx.size_model), limit, random.Random(0))
     ppl = {}
     for name, vals in (("uniform", uniform), ("exact", best.values), ("random", rnd)):
         ctx.applier.apply(space.decode(vals))
