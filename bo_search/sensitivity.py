@@ -915,6 +915,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def original_tool_main(method: str, prog: str, description: str, argv: Sequence[str] | None, extra: Sequence[str] = ()) -> int:
+    """The torchao prototype's ``fit.py`` / ``hessian_vhp.py`` command lines (``scripts/``), mapped
+    onto ``--method fit|hessian``; flags they did not have pass through to this module's CLI."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--checkpoint", default=None, help="Hugging Face checkpoint directory or .gguf (default: the embedded model)")
+    p.add_argument("--max_seqlen", type=int, default=None, help="calibration window length (default 512)")
+    p.add_argument(
+        "--max_iter",
+        type=int,
+        default=None,
+        help="most Hutchinson iterations (default 100)"
+        if method == "hessian"
+        else "accepted for compatibility; FIT uses every window once",
+    )
+    p.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 8)")
+    p.add_argument("--num_layers", type=int, default=None, help="score only blocks 0..N-1 (default: all)")
+    if "layer_id" in extra:
+        p.add_argument("--layer_id", type=int, default=None, help="estimate only this block (default: all blocks in one run)")
+    p.add_argument("--output", default=f"{method}_sensitivity.json", help=f"JSON output (default {method}_sensitivity.json)")
+    args, rest = p.parse_known_args(argv)
+    flags = ["checkpoint", "max_seqlen", "nsamples", "num_layers", *extra]
+    if method == "hessian":
+        flags.append("max_iter")
+    elif args.max_iter is not None and args.max_iter != 1:
+        print(
+            f"note: --max_iter {args.max_iter} has no effect: the original repeated the same passes, which gives identical "
+            "gradients; every calibration window is used once",
+            file=sys.stderr,
+        )
+    out = ["--method", method, "--output", args.output]
+    for flag in flags:
+        if getattr(args, flag) is not None:
+            out += [f"--{flag}", str(getattr(args, flag))]
+    return main(out + rest)
+
+
 def structure_setup(args: argparse.Namespace) -> Any:
     """The search driver's view (model structure on the meta device, space, sizes) for a CLI that
     does not search: ``runner.prepare`` with an empty history."""
