@@ -12,6 +12,7 @@ bang-for-buck and/or the exact allocations at several budgets around the request
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 
@@ -39,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model_size_constraint", type=float, default=None, metavar="GB", help="size limit in GB (1e9 bytes)")
     g.add_argument(
         "--avg_bits", type=float, default=None, help="size limit as average bits per quantized weight (default 4.25 when no GB is given)"
+    )
+    g.add_argument(
+        "--bitops",
+        type=float,
+        default=None,
+        metavar="GBOPS",
+        help="budget in bit operations per token instead of size: giga (weight bits x 16 activation bits) multiply-accumulates "
+        "over the linear layers; the size flags are then ignored",
     )
     g.add_argument(
         "--budgets",
@@ -85,7 +94,9 @@ def _main(args: argparse.Namespace) -> int:
     if args.output:
         cli.check_output_path(args.output)
     setup = structure_setup(args)
-    limit = size_limit(setup, args.model_size_constraint, args.avg_bits)
+    if args.bitops is not None and args.bitops <= 0:
+        raise UserError(f"--bitops must be positive, got {args.bitops}")
+    limit = size_limit(setup, args.model_size_constraint, args.avg_bits) if args.bitops is None else math.inf
     if args.sensitivity == "auto":
         if args.method not in METHODS:
             raise did_you_mean(args.method, list(METHODS), "sensitivity method")
@@ -98,25 +109,29 @@ def _main(args: argparse.Namespace) -> int:
         sens = Sensitivity.load(args.sensitivity)
         sens.check_model(setup.ref.fingerprint, setup.ref.name, setup.layers.fqns)
     n = sum(li.numel for li in setup.layers.linears)
-    avg = (limit * 8e9 - setup.size_model.other_bits) / n
+    if args.bitops is None:
+        budget = f"budget {limit:.6g} GB ({(limit * 8e9 - setup.size_model.other_bits) / n:.3f} avg bits)"
+    else:
+        budget = f"budget {args.bitops:.6g} GBOPs per token ({args.bitops * 1e9 / n / 16:.3f} avg weight bits at 16-bit activations)"
     print(
         f"model {setup.ref.name}; space {setup.space.source} ({len(setup.space.slots)} slots); {sens.method} sensitivity on "
-        f"{sens.windows.get('n_tokens', '?')} calibration tokens; budget {limit:.6g} GB ({avg:.3f} avg bits)"
+        f"{sens.windows.get('n_tokens', '?')} calibration tokens; {budget}"
     )
-    seeds = allocate(setup.space, setup.size_model, sens, limit, solvers, fractions)
+    seeds = allocate(setup.space, setup.size_model, sens, limit, solvers, fractions, bitops_limit=args.bitops)
     rows = [
         {
             "solver": s.solver,
             "budget": f"{100 * s.fraction:.0f}%",
             "size_gb": s.size_gb,
-            "use": f"{100 * s.size_gb / limit:.2f}%",
+            "use": f"{100 * (s.size_gb / limit if s.gbops is None else s.gbops / args.bitops):.2f}%",
+            "gbops": s.gbops if s.gbops is not None else "-",
             "avg_bits": s.avg_bits,
             "predicted": s.predicted,
             "optimal": "yes" if s.optimal else "-",
         }
         for s in seeds
     ]
-    print(cli.table(rows, ["solver", "budget", "size_gb", "use", "avg_bits", "predicted", "optimal"]))
+    print(cli.table(rows, ["solver", "budget", "size_gb", "gbops", "use", "avg_bits", "predicted", "optimal"]))
     for s in seeds:
         print(f"  {s.solver} {100 * s.fraction:.0f}%: bit widths {s.histogram}")
     samples = dedupe([s.values for s in seeds])
@@ -126,7 +141,8 @@ def _main(args: argparse.Namespace) -> int:
                 "sensitivity": {"method": sens.method, "model": sens.model, "model_id": sens.model_id, "windows": dict(sens.windows)},
                 "space": setup.space.source,
                 "space_id": setup.space.fingerprint,
-                "limit_gb": limit,
+                "limit_gb": limit if args.bitops is None else None,
+                "bitops_limit_gbops_per_token": args.bitops,
                 "allocations": [s.to_json() for s in seeds],
             }
         }

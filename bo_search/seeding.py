@@ -73,6 +73,9 @@ BUDGET_FRACTIONS = (1.0, 0.98, 0.96)
 AUTO_METHOD = "fit"
 #: uniform seeds (the best predicted) added to the sensitivity allocations by auto_seeds
 AUTO_UNIFORM = 2
+#: activation bits assumed by the bit-operations budget (weight-only quantization: fp16/bf16 activations)
+ACT_BITS = 16
+BUDGET_METRICS = ("size", "bitops")
 
 
 @dataclass(frozen=True)
@@ -122,23 +125,35 @@ class Allocation:
     optimal: bool  # proven optimal (exact solver) or not
 
 
-def build_knapsack(space: SearchSpace, size_model: SizeModel, sens: Any) -> Knapsack:
-    """The instance for ``space``: slot sizes = sum of layer_bits of the slot's linears, slot costs =
-    the sensitivity table aggregated to the slot (UserError if the table cannot price the space)."""
+def build_knapsack(space: SearchSpace, size_model: SizeModel, sens: Any, metric: str = "size") -> Knapsack:
+    """The instance for ``space``: slot costs = the sensitivity table aggregated to the slot
+    (UserError if the table cannot price the space); slot "sizes" = what the budget counts:
+
+    - ``size``: the exact bits of the slot's linears (``SizeModel.layer_bits``: codes, scales, zeros);
+    - ``bitops``: bit operations per token, numel x weight bits x ``ACT_BITS`` summed over the slot's
+      linears (one multiply-accumulate per weight per token; group size does not change it). The
+      linears outside the space count at full precision in ``base_bits``; embeddings do no MACs."""
     from bo_search.types import FULL_PRECISION, LayerQuant
 
+    if metric not in BUDGET_METRICS:
+        raise UserError(f"unknown budget metric {metric!r}; use one of {', '.join(BUDGET_METRICS)}")
     infos = size_model.layers.by_fqn()
     tables = sens.slot_costs(space)
     in_space = {f for slot in space.slots for f in slot.fqns}
-    base = size_model.other_bits + sum(
-        size_model.layer_bits(li, FULL_PRECISION) for li in size_model.layers.linears if li.fqn not in in_space
-    )
+
+    def cost_bits(f: str, q: Any) -> int:
+        if metric == "bitops":
+            return int(infos[f].numel * (q.bits if q.bits < 16 else size_model.fp_bits) * ACT_BITS)
+        return int(size_model.layer_bits(infos[f], q))
+
+    outside = sum(cost_bits(li.fqn, FULL_PRECISION) for li in size_model.layers.linears if li.fqn not in in_space)
+    base = outside + (size_model.other_bits if metric == "size" else 0)
     labels, choices, sizes, costs = [], [], [], []
     for slot, table in zip(space.slots, tables):
         ch = tuple((b, g) for b in slot.bits.values for g in slot.group_size.values)
         labels.append(f"block {slot.block}" + (f" {slot.group}" if slot.group else ""))
         choices.append(ch)
-        sizes.append(tuple(sum(size_model.layer_bits(infos[f], LayerQuant(b, g, space.symmetric)) for f in slot.fqns) for b, g in ch))
+        sizes.append(tuple(sum(cost_bits(f, LayerQuant(b, g, space.symmetric)) for f in slot.fqns) for b, g in ch))
         costs.append(tuple(table[c] for c in ch))
     return Knapsack(tuple(labels), tuple(choices), tuple(sizes), tuple(costs), int(base))
 
@@ -153,13 +168,21 @@ def total_bits_limit(limit_gb: float) -> int:
     return t
 
 
-def _check_budget(problem: Knapsack, budget_bits: int) -> tuple[int, ...]:
+def _check_budget(problem: Knapsack, budget_bits: int, metric: str = "size") -> tuple[int, ...]:
     start = problem.cheapest()
     if problem.size(start) > budget_bits:
-        lo = (problem.size(start) + problem.base_bits) / 8 / 1e9
-        have = (budget_bits + problem.base_bits) / 8 / 1e9
+        if metric == "bitops":
+            lo, have, what = (
+                (problem.size(start) + problem.base_bits) / 1e9,
+                (budget_bits + problem.base_bits) / 1e9,
+                "bit-operations budget",
+            )
+            unit = "GBOPs per token"
+        else:
+            lo, have, what = (problem.size(start) + problem.base_bits) / 8 / 1e9, (budget_bits + problem.base_bits) / 8 / 1e9, "size budget"
+            unit = "GB"
         raise UserError(
-            f"size budget {have:.6g} GB is below the smallest plan of the space ({lo:.6g} GB): no allocation fits; raise the budget"
+            f"{what} {have:.6g} {unit} is below the smallest plan of the space ({lo:.6g} {unit}): no allocation fits; raise the budget"
         )
     return start
 
@@ -288,6 +311,7 @@ class Seed:
     predicted: float
     optimal: bool
     histogram: dict[str, int]
+    gbops: float | None = None  # bit operations per token (the bitops metric), in 1e9
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -298,6 +322,7 @@ class Seed:
             "predicted_loss_increase": self.predicted,
             "optimal": self.optimal,
             "bit_widths": self.histogram,
+            **({"gbops_per_token": round(self.gbops, 6)} if self.gbops is not None else {}),
         }
 
 
@@ -308,17 +333,22 @@ def allocate(
     limit_gb: float,
     solvers: Sequence[str] = ("exact",),
     fractions: Sequence[float] = BUDGET_FRACTIONS,
+    bitops_limit: float | None = None,
 ) -> list[Seed]:
     """Allocations by each solver at each budget: ``fraction`` of the bits the limit leaves for the
     space's layers. The full budget must admit a plan (UserError otherwise); smaller fractions that
-    admit none are skipped. Every seed fits ``limit_gb``."""
+    admit none are skipped. Every seed fits ``limit_gb``.
+
+    With ``bitops_limit`` (giga bit-operations per token, see ``build_knapsack``) the knapsack
+    budget is bit operations instead of size, and ``limit_gb`` is not enforced (pass ``math.inf``)."""
     for f in fractions:
         if not 0 < f <= 1:
             raise UserError(f"budget fractions must be in (0, 1], got {f}")
     fns = [(name, get_solver(name)) for name in solvers]
-    problem = build_knapsack(space, size_model, sens)
-    room = total_bits_limit(limit_gb) - problem.base_bits
-    _check_budget(problem, room)
+    metric = "size" if bitops_limit is None else "bitops"
+    problem = build_knapsack(space, size_model, sens, metric)
+    room = (total_bits_limit(limit_gb) if bitops_limit is None else math.floor(bitops_limit * 1e9)) - problem.base_bits
+    _check_budget(problem, room, metric)
     seeds: list[Seed] = []
     for f in fractions:
         budget = math.floor(f * room) if f < 1 else room
@@ -331,7 +361,8 @@ def allocate(
             plan = space.decode(values)
             report = size_model.report(plan)
             assert report.gb <= limit_gb, (report.gb, limit_gb)
-            seeds.append(Seed(name, f, values, report.gb, report.avg_bits, alloc.cost, alloc.optimal, plan.histogram()))
+            gbops = (alloc.bits + problem.base_bits) / 1e9 if metric == "bitops" else None
+            seeds.append(Seed(name, f, values, report.gb, report.avg_bits, alloc.cost, alloc.optimal, plan.histogram(), gbops))
     return seeds
 
 

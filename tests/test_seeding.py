@@ -241,3 +241,27 @@ def test_pick_values_skip_fixed_parameters():
     assert "bitwidth.0." not in vals and "groupsize.0." in vals
     plan: QuantPlan = space.decode(vals)
     assert plan.setting("model.layers.0.mlp.up_proj").bits == 8
+
+
+def test_bitops_budget_counts_bits_times_macs_and_ignores_group_size():
+    """Under a bit-operations budget (numel x weight bits x 16 per token) group size is free, so with
+    costs that fall with smaller groups every slot takes g32; the allocation spends no more bit
+    operations than allowed, and a budget below the cheapest plan is one clear error."""
+    layers = smollm2()
+    space = load_space(SPACE, layers)
+    sm = _size_model(layers)
+    sens = _synthetic_sensitivity(space, layers, seed=3)
+    n = sum(li.numel for li in layers.linears)
+    gbops = n * 3.5 * 16 / 1e9  # the bit operations of 3.5 average weight bits
+    for solver in ("exact", "greedy"):
+        [seed] = allocate(space, sm, sens, math.inf, solvers=(solver,), fractions=(1.0,), bitops_limit=gbops)
+        plan = space.decode(seed.values)
+        used = sum(li.numel * plan.layers[li.fqn].bits * 16 for li in layers.linears) / 1e9
+        assert used <= gbops and abs(used - seed.gbops) < 1e-9
+        assert {seed.values[s.group_size.name] for s in space.slots} == {32}, solver
+        assert seed.to_json()["gbops_per_token"] == round(seed.gbops, 6)
+    # the size budget of the same plan costs more bits for g32: the size knapsack prefers larger groups
+    [by_size] = allocate(space, sm, sens, sm.gb(plan), solvers=("exact",), fractions=(1.0,))
+    assert {by_size.values[s.group_size.name] for s in space.slots} != {32}
+    with pytest.raises(UserError, match="bit-operations budget .* GBOPs per token is below the smallest plan"):
+        allocate(space, sm, sens, math.inf, bitops_limit=n * 1.9 * 16 / 1e9)
