@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     from bo_search.acc_modelsize import size_limit
-    from bo_search.seeding import SOLVERS, allocate, dedupe, get_solver
+    from bo_search.seeding import ACT_BITS, SOLVERS, allocate, dedupe, get_solver
     from bo_search.sensitivity import METHODS, Sensitivity, cached_sensitivity, did_you_mean, structure_setup
     from bo_search.space import write_initial_samples
     from bo_search.trial import EvalConfig
@@ -93,9 +93,9 @@ def _main(args: argparse.Namespace) -> int:
     fractions = _fractions(args.budgets)
     if args.output:
         cli.check_output_path(args.output)
-    setup = structure_setup(args)
     if args.bitops is not None and args.bitops <= 0:
         raise UserError(f"--bitops must be positive, got {args.bitops}")
+    setup = structure_setup(args)
     limit = size_limit(setup, args.model_size_constraint, args.avg_bits) if args.bitops is None else math.inf
     if args.sensitivity == "auto":
         if args.method not in METHODS:
@@ -112,7 +112,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.bitops is None:
         budget = f"budget {limit:.6g} GB ({(limit * 8e9 - setup.size_model.other_bits) / n:.3f} avg bits)"
     else:
-        budget = f"budget {args.bitops:.6g} GBOPs per token ({args.bitops * 1e9 / n / 16:.3f} avg weight bits at 16-bit activations)"
+        budget = f"budget {args.bitops:.6g} GBOPs per token ({args.bitops * 1e9 / n / ACT_BITS:.3f} avg weight bits at {ACT_BITS}-bit activations)"
     print(
         f"model {setup.ref.name}; space {setup.space.source} ({len(setup.space.slots)} slots); {sens.method} sensitivity on "
         f"{sens.windows.get('n_tokens', '?')} calibration tokens; {budget}"

@@ -133,7 +133,7 @@ def build_knapsack(space: SearchSpace, size_model: SizeModel, sens: Any, metric:
     - ``bitops``: bit operations per token, numel x weight bits x ``ACT_BITS`` summed over the slot's
       linears (one multiply-accumulate per weight per token; group size does not change it). The
       linears outside the space count at full precision in ``base_bits``; embeddings do no MACs."""
-    from bo_search.types import FULL_PRECISION, LayerQuant
+    from bo_search.types import FULL_PRECISION, FULL_PRECISION_BITS, LayerQuant
 
     if metric not in BUDGET_METRICS:
         raise UserError(f"unknown budget metric {metric!r}; use one of {', '.join(BUDGET_METRICS)}")
@@ -143,7 +143,7 @@ def build_knapsack(space: SearchSpace, size_model: SizeModel, sens: Any, metric:
 
     def cost_bits(f: str, q: Any) -> int:
         if metric == "bitops":
-            return int(infos[f].numel * (q.bits if q.bits < 16 else size_model.fp_bits) * ACT_BITS)
+            return int(infos[f].numel * (q.bits if q.bits < FULL_PRECISION_BITS else size_model.fp_bits) * ACT_BITS)
         return int(size_model.layer_bits(infos[f], q))
 
     outside = sum(cost_bits(li.fqn, FULL_PRECISION) for li in size_model.layers.linears if li.fqn not in in_space)

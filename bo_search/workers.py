@@ -22,6 +22,13 @@ from bo_search.types import QuantPlan, TrialResult, UserError
 log = logging.getLogger(__name__)
 
 
+def default_threads(num_workers: int, on_gpu: bool = False) -> int:
+    """Torch threads per worker: the cores shared out, CPU workers leaving one core to the driver's Ax
+    proposals (oversubscribed OpenMP threads spin and slow everything down; measured: plan
+    application 0.3 s -> 5-11 s)."""
+    return max(1, ((os.cpu_count() or 1) - (0 if on_gpu else 1)) // num_workers)
+
+
 class TrialWorker:
     """Body of a Ray actor (wrapped with ``ray.remote`` by the pool). Subclass it to inject faults in tests."""
 
@@ -129,9 +136,7 @@ class WorkerPool:
             visible = int(ray.cluster_resources().get("GPU", 0))
             if visible < len(self.gpus):
                 raise UserError(f"--gpu_list names {len(self.gpus)} GPU(s) but the Ray cluster has {visible}")
-        # CPU workers leave one core to the driver's Ax proposals: oversubscribed OpenMP threads
-        # spin and slow everything down (measured: plan application 0.3 s -> 5-11 s).
-        self.threads = threads_per_worker or max(1, ((os.cpu_count() or 1) - (0 if self.gpus else 1)) // n)
+        self.threads = threads_per_worker or default_threads(n, bool(self.gpus))
         self._remote = ray.remote(worker_cls)
         self._worker_cls = worker_cls
         self.slots: list[_Slot] = []

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import re
 import statistics
@@ -38,6 +37,7 @@ from bo_search.runner import EMBEDDED_SPACE
 from bo_search.space import load_space
 from bo_search.trial import EvalConfig, ModelContext
 from bo_search.types import LayerQuant, QuantPlan
+from bo_search.workers import default_threads
 
 
 def parse() -> argparse.Namespace:
@@ -264,7 +264,7 @@ def write_report(
         props = [x.proposal_s for run in breakdown for x in run["rows"] if x.source in ("bo", "sobol") and x.proposal_s]
         idle = [line for run in breakdown for line in run["stdout"].splitlines() if "idle waiting" in line]
         # the worker of a 1-worker search on this machine runs (cores - 1) threads: time the bare forward the same way
-        worker_threads = max(1, (os.cpu_count() or 2) - 1)
+        worker_threads = default_threads(1)
         own_threads = torch.get_num_threads()
         torch.set_num_threads(worker_threads)
         b.ctx.applier.restore()
