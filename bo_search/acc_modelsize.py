@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"size limit as average bits per quantized weight, scales and zero points included (default {DEFAULT_AVG_BITS} when no --model_size_constraint)",
     )
-    runner.add_search_args(p, default_history="runs/acc_modelsize_history.csv")
+    runner.add_search_args(p, default_history="runs/acc_modelsize_history.csv", default_seeds="auto")
     return p
 
 

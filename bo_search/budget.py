@@ -31,6 +31,8 @@ class SlotSizes:
                 for g in slot.group_size.values:
                     table[(b, g)] = sum(size_model.layer_bits(infos[f], LayerQuant(b, g, space.symmetric)) for f in slot.fqns)
             self.tables.append(table)
+        #: weights per planned layer (the strategy weighs slots by their share of the planned weights)
+        self.numel = {f: infos[f].numel for s in space.slots for f in s.fqns}
         #: parameter name -> slot index
         self.slot_of = {p.name: i for i, s in enumerate(space.slots) for p in (s.bits, s.group_size)}
 

@@ -46,7 +46,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--fp_dtype",
         default=None,
         choices=["float32", "float16", "bfloat16"],
-        help="storage dtype counted for unquantized tensors (default: the checkpoint's config dtype)",
+        help="storage dtype counted for unquantized tensors (default: what the checkpoint stores: the safetensors headers of a "
+        "Hugging Face directory, else its config.json dtype; 16-bit float16 for a GGUF source)",
     )
 
 
@@ -111,15 +112,21 @@ def run_main(fn: Callable[[argparse.Namespace], int], parser: argparse.ArgumentP
         return 130
 
 
-def check_output_path(path: str) -> None:
+def check_output_path(path: str | Path) -> Path:
+    """Create the parent directory of an output path (a user names new folders freely); a one-line
+    error when it cannot be created. Returns the parent."""
     parent = Path(path).expanduser().resolve().parent
-    if not parent.is_dir():
-        raise UserError(f"cannot write {path}: directory {parent} does not exist")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot write {path}: cannot create directory {parent} ({err.strerror or err})") from None
+    return parent
 
 
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically (temp file + rename), so a crash never leaves half a file."""
     p = Path(path)
+    check_output_path(p)
     tmp = p.with_name(p.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=1, default=_jsonable) + "\n", encoding="utf-8")
     os.replace(tmp, p)

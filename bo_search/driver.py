@@ -61,21 +61,32 @@ class DriverConfig:
     raw_samples: int = 256
     n_sobol: int = 4
     seed: int | None = None
+    strategy: str = "gp"
 
     def __post_init__(self) -> None:
+        from bo_search.strategy import check_strategy
+
+        check_strategy(self.strategy)
         if self.num_restarts < 1 or self.raw_samples < 1:
             raise UserError("--num_restarts and --raw_samples must be positive")
         if self.n_sobol < 0:
             raise UserError("--n_sobol must be zero or positive")
 
 
-def make_generation_strategy(cfg: DriverConfig) -> Any:
-    """Sobol for ``n_sobol`` trials (beyond attached seeds and history), then BoTorch with a cheap
-    acquisition optimiser (``num_restarts``/``raw_samples``; Ax's defaults cost minutes per proposal)."""
+def make_generation_strategy(cfg: DriverConfig, node: Any = None) -> Any:
+    """``thompson``: the single node ``node`` (strategy.make_thompson_node; it needs no quasi-random
+    start: with no data its draws come from the prior). ``gp``: Sobol for ``n_sobol`` trials (beyond
+    attached seeds and history), then BoTorch with a cheap acquisition optimiser
+    (``num_restarts``/``raw_samples``; Ax's defaults cost minutes per proposal)."""
+    from ax.generation_strategy.generation_strategy import GenerationStrategy
+
+    if cfg.strategy == "thompson":
+        if node is None:
+            raise ValueError("the thompson strategy needs its generation node")
+        return GenerationStrategy(name="Thompson", nodes=[node])
     from ax.adapter.registry import Generators
     from ax.core.trial_status import TrialStatus
     from ax.generation_strategy.generation_node import GenerationNode
-    from ax.generation_strategy.generation_strategy import GenerationStrategy
     from ax.generation_strategy.generator_spec import GeneratorSpec
     from ax.generation_strategy.transition_criterion import MinTrials
 
@@ -118,7 +129,7 @@ DETERMINISTIC_METRICS = ("nll", "ppl")
 class AxDriver:
     """A thin wrapper over the Ax ``Client`` speaking in tunable-parameter dicts."""
 
-    def __init__(self, space: SearchSpace, goal: Goal, cfg: DriverConfig):
+    def __init__(self, space: SearchSpace, goal: Goal, cfg: DriverConfig, node: Any = None):
         import warnings
 
         from ax.api.client import Client
@@ -149,7 +160,8 @@ class AxDriver:
             objective = ("-" if goal.minimize else "") + goal.objective
             constraints = [f"{goal.constraint_metric} <= {goal.limit!r}"]
         self.client.configure_optimization(objective=objective, outcome_constraints=constraints)
-        self.client.set_generation_strategy(make_generation_strategy(cfg))
+        self.node = node
+        self.client.set_generation_strategy(make_generation_strategy(cfg, node))
 
     def attach(self, values: Mapping[str, int]) -> int:
         return self.client.attach_trial(parameters=to_ax(self.space, values, self.cfg.encoding))

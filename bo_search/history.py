@@ -65,8 +65,9 @@ class HistoryWriter:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
         new = not self.path.exists() or self.path.stat().st_size == 0
-        if not self.path.parent.is_dir():
-            raise UserError(f"cannot write history {self.path}: directory {self.path.parent} does not exist")
+        from bo_search.cli import check_output_path
+
+        check_output_path(self.path)
         self._fh = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115  (kept open for the search)
         self._writer = csv.DictWriter(self._fh, fieldnames=COLUMNS)
         if new:

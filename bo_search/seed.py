@@ -15,6 +15,7 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from bo_search import cli
 from bo_search.types import UserError
@@ -105,7 +106,9 @@ def _main(args: argparse.Namespace) -> int:
             eval_cfg, setup.ref, setup.layers, setup.space, args.method, args.nsamples, progress=cli.progress
         )
         print(f"{args.method} sensitivity {'read from the cache' if hit else 'computed and cached'}: {path}")
+        sens_path = Path(path)
     else:
+        sens_path = Path(args.sensitivity)
         sens = Sensitivity.load(args.sensitivity)
         sens.check_model(setup.ref.fingerprint, setup.ref.name, setup.layers.fqns)
     n = sum(li.numel for li in setup.layers.linears)
@@ -138,7 +141,13 @@ def _main(args: argparse.Namespace) -> int:
     if args.output:
         extra = {
             "seeding": {
-                "sensitivity": {"method": sens.method, "model": sens.model, "model_id": sens.model_id, "windows": dict(sens.windows)},
+                "sensitivity": {
+                    "path": str(sens_path.expanduser().resolve()),
+                    "method": sens.method,
+                    "model": sens.model,
+                    "model_id": sens.model_id,
+                    "windows": dict(sens.windows),
+                },
                 "space": setup.space.source,
                 "space_id": setup.space.fingerprint,
                 "limit_gb": limit if args.bitops is None else None,

@@ -366,23 +366,24 @@ def allocate(
     return seeds
 
 
-def auto_seeds(setup: Any, limit_gb: float) -> list[dict[str, int]]:
+def auto_seeds(setup: Any, limit_gb: float, sens: Any = None) -> list[dict[str, int]]:
     """``--initial_samples auto``: FIT sensitivity on the calibration split (computed in this process
     once, then read from the cache), exact allocations at 100/98/96% of the budget, the greedy one at
     100%, and the two budget-filling uniform seeds with the lowest predicted loss; all fit ``limit_gb``."""
-    from bo_search import cli
-    from bo_search.sensitivity import cached_sensitivity
+    if sens is None:
+        from bo_search import cli
+        from bo_search.sensitivity import cached_sensitivity
 
-    t0 = time.perf_counter()
-    print(
-        f"--initial_samples auto: {AUTO_METHOD} sensitivity on the calibration split (computed once per model and space, then cached)",
-        flush=True,
-    )
-    sens, path, hit = cached_sensitivity(setup.eval_cfg, setup.ref, setup.layers, setup.space, AUTO_METHOD, progress=cli.progress)
-    print(
-        f"{AUTO_METHOD} sensitivity {'read from' if hit else 'computed and cached in'} {path} ({time.perf_counter() - t0:.1f} s)",
-        flush=True,
-    )
+        t0 = time.perf_counter()
+        print(
+            f"--initial_samples auto: {AUTO_METHOD} sensitivity on the calibration split (computed once per model and space, then cached)",
+            flush=True,
+        )
+        sens, path, hit = cached_sensitivity(setup.eval_cfg, setup.ref, setup.layers, setup.space, AUTO_METHOD, progress=cli.progress)
+        print(
+            f"{AUTO_METHOD} sensitivity {'read from' if hit else 'computed and cached in'} {path} ({time.perf_counter() - t0:.1f} s)",
+            flush=True,
+        )
     seeds = allocate(setup.space, setup.size_model, sens, limit_gb, solvers=("exact",)) + allocate(
         setup.space, setup.size_model, sens, limit_gb, solvers=("greedy",), fractions=(1.0,)
     )

@@ -58,6 +58,9 @@ from bo_search.types import PER_CHANNEL, LayerQuant, QuantPlan, UserError
 log = logging.getLogger(__name__)
 
 FORMAT = "bo_search.sensitivity/1"
+#: bumped whenever a method's computation changes, so cached tables of the old code are not reused
+#: (2: FIT costs in nats per token, the window-mean Fisher times the window's scored tokens)
+COMPUTE_VERSION = 2
 STOP_RULES = ("layers", "total")
 MEASURED_METRICS = ("nll", "kl")
 FISHER_LABELS = ("data", "model")
@@ -687,6 +690,10 @@ def _run_fit(
 ) -> _Out:
     t0 = time.perf_counter()
     fisher = fisher_diagonal(ctx.model, list(weights), ids, cfg.batch_size, progress, labels=cfg.fisher_labels, seed=cfg.seed)
+    # The squared gradient of a window's *mean* loss is the per-token Fisher / T (cross-token terms
+    # vanish for model-sampled labels): times T, the costs are predicted nats per token.
+    tokens = int(ids.shape[1]) - 1
+    fisher = {f: v * tokens for f, v in fisher.items()}
     grad_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     costs = fit_costs(weights, fisher, choices, ctx.scheme)
@@ -773,7 +780,9 @@ def cache_key(
 ) -> str:
     """Everything the table depends on: model, method and its settings, calibration windows, space, scheme."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("nsamples", "batch_size", "time_eval")}
-    blob = json.dumps([FORMAT, model_id, settings, cfg.windows, corpus_id, space_id, dict(sorted(scheme.items())), include_lm_head])
+    blob = json.dumps(
+        [FORMAT, COMPUTE_VERSION, model_id, settings, cfg.windows, corpus_id, space_id, dict(sorted(scheme.items())), include_lm_head]
+    )
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 

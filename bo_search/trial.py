@@ -84,7 +84,7 @@ class ModelContext:
         self.layers = discover_layers(self.model, include_lm_head=cfg.include_lm_head)
         self.scheme = QuantScheme(scale_dtype=cfg.scale_dtype, zero_bits=cfg.zero_bits, mse_clip=cfg.mse_clip)
         self.applier = PlanApplier(self.model, self.layers, self.scheme, keep_on="cpu" if cfg.device.startswith("cuda") else None)
-        self.size_model = SizeModel(self.model, self.layers, self.scheme, cfg.fp_dtype)
+        self.size_model = SizeModel(self.model, self.layers, self.scheme, cfg.fp_dtype or self.ref.storage_dtype)
         self.corpus = load_corpus(cfg.eval_text)
         self.search_windows = split_windows(self.tok, self.corpus, "search", cfg.eval_tokens, cfg.max_seqlen)
         self.heldout_windows = (

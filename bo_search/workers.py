@@ -67,10 +67,10 @@ class TrialWorker:
         """Size and search-split perplexity of a plan (baselines)."""
         return self.ctx.measure(QuantPlan.loads(plan_json), heldout=False)
 
-    def heldout(self, plan_json: str) -> float:
-        """Held-out perplexity of a plan (for final reports)."""
+    def heldout(self, plan_json: str) -> float | None:
+        """Held-out perplexity of a plan (for final reports); None with --heldout_tokens 0."""
         row = self.ctx.measure(QuantPlan.loads(plan_json), heldout=True)
-        return float(row["ppl_heldout"])
+        return None if row["ppl_heldout"] is None else float(row["ppl_heldout"])
 
 
 @dataclass
@@ -220,12 +220,12 @@ class WorkerPool:
             pass
         slot.actor = self._spawn(int(slot.worker_id[1:]))
 
-    def heldout(self, plans: Sequence[QuantPlan]) -> list[float]:
-        """Held-out perplexity of several plans, spread over the workers."""
+    def heldout(self, plans: Sequence[QuantPlan]) -> list[float | None]:
+        """Held-out perplexity of several plans, spread over the workers (None with --heldout_tokens 0)."""
         import ray
 
         refs = [self.slots[i % len(self.slots)].actor.heldout.remote(p.dumps()) for i, p in enumerate(plans)]
-        return [float(x) for x in ray.get(refs)]
+        return [None if x is None else float(x) for x in ray.get(refs)]
 
     def measure(self, plans: Sequence[QuantPlan]) -> list[dict[str, Any]]:
         import ray

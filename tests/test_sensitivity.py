@@ -91,7 +91,8 @@ def test_fit_table_uses_real_quantization_error(tiny_ctx):
     # recompute one entry by hand: 0.5 * sum(F * (W - Q(W))^2)
     f = ctx.layers.fqns[4]
     win = split_windows(ctx.tok, ctx.corpus, "calibration", 96, 32)
-    fisher = fisher_diagonal(ctx.model, [f], win.ids)[f]  # the same default labels and seed as compute()
+    # the same default labels and seed as compute(), times the scored tokens per window (nats per token)
+    fisher = fisher_diagonal(ctx.model, [f], win.ids)[f] * (win.ids.shape[1] - 1)
     w = ctx.applier.original(f)
     lq = LayerQuant(2, 32)
     want = 0.5 * float((fisher * (w - fake_quantize(w, lq)) ** 2).sum())
@@ -396,7 +397,10 @@ def test_fit_on_real_model_is_cheap_and_its_allocation_is_sane(real_ctx):
         ctx.applier.apply(space.decode(vals))
         ppl[name] = perplexity(ctx.model, ctx.heldout_windows).ppl
     ctx.applier.restore()
-    assert ppl["exact"] < 1.3 * ppl["uniform"] and ppl["exact"] < 0.01 * ppl["random"], ppl
+    # Measured on this test's windows (deterministic: fixed windows, fixed label seed): exact 49.3 against
+    # uniform 59.1, a ratio of 0.83. The bar is 0.9: the allocation must beat uniform here, and the
+    # README's 3072-token benchmark (70.5 vs 72.4) says how much less it wins on more text.
+    assert ppl["exact"] < 0.9 * ppl["uniform"] and ppl["exact"] < 0.01 * ppl["random"], ppl
 
 
 def test_original_tool_wrappers(tiny_llama, tmp_path):

@@ -62,12 +62,12 @@ def make_config(arch: str, vocab: int, n_layers: int = 2):
     raise ValueError(arch)
 
 
-def make_checkpoint(out: Path, arch: str = "llama", n_layers: int = 2, seed: int = 0) -> Path:
+def make_checkpoint(out: Path, arch: str = "llama", n_layers: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
     from transformers import AutoModelForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(out)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(make_config(arch, len(tok), n_layers), dtype=torch.float32)
-    model.save_pretrained(str(out))
+    model.to(dtype).save_pretrained(str(out))
     return out
