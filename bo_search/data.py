@@ -19,11 +19,13 @@ all ``seq_len`` tokens of a window are scored.
 from __future__ import annotations
 
 import bz2
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,8 @@ _SPLIT_OF_BUCKET = ["calibration"] * 2 + ["search"] * 3 + ["test"] * 5
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 EMBEDDED_TEXT = "embedded:wikipedia"
 PYDOC_TEXT = "pydoc"
+#: part of the text and token cache keys: bump it when extraction, splitting or tokenisation changes
+TEXT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ def _wikipedia_bz2() -> Path:
 
 def wikipedia_corpus() -> Corpus:
     """The English Wikipedia extract shipped in the gensim wheel (CC BY-SA), markup stripped, cached."""
-    cached = cache_dir() / "text" / "enwiki-gensim.jsonl"
+    cached = cache_dir() / "text" / f"enwiki-gensim-v{TEXT_VERSION}.jsonl"
     if not cached.is_file():
         from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
@@ -125,9 +129,43 @@ def pydoc_corpus() -> Corpus:
     return Corpus(PYDOC_TEXT, tuple(Document(k, v.strip()) for k, v in sorted(topics.items())))
 
 
+#: a plain text needs this many documents for the split by document to be meaningful
+MIN_DOCUMENTS = 10
+#: the last resort for a text without enough blank-line blocks or lines: contiguous ranges of about this many characters
+CHUNK_CHARS = 2000
+
+
+def split_plain_text(raw: str) -> tuple[list[str], str]:
+    """Documents of a plain text and the rule that found them: blank-line blocks when there are at
+    least ``MIN_DOCUMENTS``, else non-empty lines when there are that many, else contiguous ranges of
+    about ``CHUNK_CHARS`` characters cut at whitespace (at least ``MIN_DOCUMENTS`` of them). The same
+    text always gives the same documents, so its splits stay fixed and disjoint."""
+    blocks = [b.strip() for b in raw.replace("\r\n", "\n").split("\n\n") if b.strip()]
+    if len(blocks) >= MIN_DOCUMENTS:
+        return blocks, "blank-line separated blocks"
+    lines = [ln.strip() for ln in raw.splitlines() if ln.strip()]
+    if len(lines) >= MIN_DOCUMENTS:
+        return lines, "one document per line"
+    text = " ".join(raw.split())
+    size = max(1, min(CHUNK_CHARS, len(text) // MIN_DOCUMENTS))
+    chunks: list[str] = []
+    start = 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        if end < len(text):
+            cut = text.rfind(" ", start + 1, end + 1)
+            end = cut if cut > start else end
+        chunk = text[start:end].strip()
+        if chunk:
+            chunks.append(chunk)
+        start = end
+    return chunks, f"contiguous ranges of about {size} characters"
+
+
+@functools.lru_cache(maxsize=8)
 def file_corpus(path: str | os.PathLike[str]) -> Corpus:
     """A local text: ``.jsonl`` (one document per line, field ``text``, optional ``title``) or plain
-    text (documents separated by blank lines)."""
+    text (documents by ``split_plain_text``). Prints the rule and the number of documents once."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"--eval_text file not found: {p}")
@@ -146,10 +184,18 @@ def file_corpus(path: str | os.PathLike[str]) -> Corpus:
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise UserError(f'{p}:{lineno}: each JSONL line must be an object with a "text" field ({err})') from err
             docs.append(Document(str(obj.get("title", "")), str(text)))
+        rule = "JSONL, one document per line"
     else:
-        docs = [Document("", block.strip()) for block in raw.split("\n\n") if block.strip()]
+        parts, rule = split_plain_text(raw)
+        docs = [Document(f"#{i}" if rule.startswith("contiguous") else "", t) for i, t in enumerate(parts)]
     if not docs:
         raise UserError(f"--eval_text {p} holds no text")
+    counts = {s: sum(d.split == s for d in docs) for s in SPLITS}
+    print(
+        f"--eval_text {p}: {len(docs)} documents ({rule}); calibration/search/test: " + "/".join(str(counts[s]) for s in SPLITS),
+        file=sys.stderr,
+        flush=True,
+    )
     return Corpus(str(p), tuple(docs))
 
 
@@ -184,7 +230,7 @@ def prefix_token_id(tok: Any) -> int:
 
 def token_stream(tok: Any, corpus: Corpus, split: str) -> torch.Tensor:
     """All tokens of one split (1-D int64), tokenised once and cached on disk."""
-    path = cache_dir() / "tokens" / f"{corpus.fingerprint}-{tokenizer_fingerprint(tok)}-{split}.pt"
+    path = cache_dir() / "tokens" / f"{corpus.fingerprint}-{tokenizer_fingerprint(tok)}-{split}-v{TEXT_VERSION}.pt"
     if path.is_file():
         return torch.load(path)
     docs = corpus.split_documents(split)
@@ -228,8 +274,10 @@ def make_windows(stream: torch.Tensor, n_tokens: int, seq_len: int, prefix_id: i
         raise UserError(f"the window length must be positive, got {seq_len}")
     available = stream.numel() // seq_len
     if available < 1:
+        share = _SPLIT_OF_BUCKET.count(split) / len(_SPLIT_OF_BUCKET) if split in SPLITS else 1.0
         raise UserError(
-            f"the {split} split of {what} has {stream.numel()} tokens, fewer than one window of {seq_len}: "
+            f"the {split} split of {what} has {stream.numel()} tokens, fewer than one window of {seq_len}: it gets about "
+            f"{100 * share:.0f}% of the documents, so the text needs at least about {math.ceil(seq_len / share)} tokens; "
             "give a longer text or a smaller --max_seqlen"
         )
     n = math.ceil(n_tokens / seq_len)

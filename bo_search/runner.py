@@ -58,7 +58,12 @@ def add_search_args(p: argparse.ArgumentParser, default_history: str, default_se
         action="store_true",
         help="require an existing --history_output and continue it (an existing history is always continued)",
     )
-    g.add_argument("--seed", type=int, default=0, help="random seed for Ax (default 0)")
+    g.add_argument(
+        "--change_limit",
+        action="store_true",
+        help="continue a history that was searched under another limit (each row records the limit it was written under)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="random seed for Ax and the proposal strategy (default 0)")
     g.add_argument(
         "--max_failure_rate", type=float, default=0.5, help="stop when more than this fraction of evaluated trials failed (default 0.5)"
     )
@@ -137,6 +142,7 @@ class Setup:
     fp_gb: float
     #: sensitivity tables computed in this process, by method (auto seeds and the prior share one)
     tables: dict[str, Any] = field(default_factory=dict)
+    lock: Any = None
 
 
 def resolve_space(parameters_list: str | None, layers: Any, ref: Any) -> Any:
@@ -150,7 +156,10 @@ def resolve_space(parameters_list: str | None, layers: Any, ref: Any) -> Any:
     return build_space(default_space_spec(layers), layers, "<default per-block space>")
 
 
-def prepare(args: argparse.Namespace, search: str) -> Setup:
+def prepare(args: argparse.Namespace, search: str, take_lock: bool = True) -> Setup:
+    """Flags -> model structure, space, sizes and the history (read, checked; a torn last row set
+    aside). ``take_lock``: this process is the history's writer (a search); False for commands that
+    only need the structure."""
     from bo_search.history import read_history
     from bo_search.model import discover_layers, load_structure
     from bo_search.quant import QuantScheme, SizeModel, space_size_bounds
@@ -169,9 +178,15 @@ def prepare(args: argparse.Namespace, search: str) -> Setup:
     lo, hi = space_size_bounds(space, size_model)
     fp = size_model.report(QuantPlan()).gb
     history_path = Path(args.history_output).expanduser()
+    lock = None
+    if take_lock:
+        from bo_search.history import HistoryLock
+
+        cli.check_output_path(history_path)
+        lock = HistoryLock(history_path).acquire()  # one writer per history; released at exit
     rows: list[Any] = []
     if history_path.exists() and history_path.stat().st_size > 0:
-        rows = read_history(history_path, strict=True).rows
+        rows = read_history(history_path, strict=True, repair_tail=take_lock).rows
         for r in rows:
             if r.model_id and r.model_id != ref.fingerprint:
                 raise UserError(
@@ -187,8 +202,7 @@ def prepare(args: argparse.Namespace, search: str) -> Setup:
         check_history_sizes(history_path, rows, size_model)
     elif args.resume:
         raise UserError(f"--resume: history {history_path} does not exist or is empty")
-    cli.check_output_path(history_path)
-    return Setup(args, eval_cfg, layers, space, size_model, ref, history_path, rows, lo, hi, fp)
+    return Setup(args, eval_cfg, layers, space, size_model, ref, history_path, rows, lo, hi, fp, lock=lock)
 
 
 def check_history_sizes(path: Path, rows: list[Any], size_model: Any) -> None:
@@ -205,6 +219,27 @@ def check_history_sizes(path: Path, rows: list[Any], size_model: Any) -> None:
                 f"current size accounting (unquantized tensors at {size_model.fp_dtype}): it was written with another storage dtype "
                 "or scheme; pass the --fp_dtype/--zero_bits/--scale_dtype it was written with, or use a new --history_output"
             )
+
+
+def goal_text(goal: Any) -> str:
+    if goal.multi:
+        return f"pareto {goal.objective}"
+    return f"{'min' if goal.minimize else 'max'} {goal.objective} s.t. {goal.constraint_metric} <= limit"
+
+
+def check_history_limit(setup: Setup, goal: Any) -> None:
+    """A history continues under the goal and limit it was written with, unless --change_limit."""
+    for r in reversed(setup.history_rows):
+        if r.limit is None or not r.limit_metric:
+            continue
+        same = r.limit_metric == goal.constraint_metric and math.isclose(r.limit, goal.limit, rel_tol=1e-9)
+        if not same and not getattr(setup.args, "change_limit", False):
+            raise UserError(
+                f"history {setup.history_path} was searched under {r.limit_metric} <= {r.limit:.6g} (trial {r.trial_index}), "
+                f"not {goal.constraint_metric} <= {goal.limit:.6g}; pass the same limit, add --change_limit to continue it "
+                "under the new one (recorded per row), or use a new --history_output"
+            )
+        return
 
 
 def parse_gpus(spec: str | None) -> list[int]:
@@ -346,10 +381,13 @@ def run_search(
     if strategy == "thompson":
         ThompsonConfig(rel_sd=args.ts_prior_sd, temper=args.ts_temper)  # bad values fail before anything starts
         prior = resolve_prior(setup)
+    if not callable(goal) and not goal.multi:
+        check_history_limit(setup, goal)  # before any worker starts
     t_start = time.perf_counter()
     pool = None
     history = None
     stats = None
+    driver = None
     status = 0
     try:
         if done < args.num_trials or callable(goal):
@@ -365,6 +403,7 @@ def run_search(
             print(f"workers ready (model load {max(pool.load_times):.1f} s; {pool.size} worker(s) on {nodes} Ray node(s))", flush=True)
         if callable(goal):
             goal = goal(pool)
+            check_history_limit(setup, goal)
         driver_cfg = DriverConfig(
             encoding=resolve_encoding(setup.space, args.encoding),
             num_restarts=args.num_restarts,
@@ -396,6 +435,9 @@ def run_search(
                 "search": goal.search,
                 "model_id": setup.ref.fingerprint,
                 "space_id": setup.space.fingerprint,
+                "goal": goal_text(goal),
+                "limit_metric": "" if goal.multi else goal.constraint_metric,
+                "limit": None if goal.multi else goal.limit,
                 **(row_extra or {}),
             }
             bar = cli.progress(range(args.num_trials), desc="trials", total=args.num_trials)
@@ -436,8 +478,16 @@ def run_search(
                 print(f"search stopped early: {stats.stop_reason}", file=sys.stderr)
         summarize(setup, goal, stats, pool, time.perf_counter() - t_start)
     except KeyboardInterrupt:
+        marked = ""
+        if driver is not None:
+            from ax.core.trial_status import TrialStatus
+
+            n = sum(t.status == TrialStatus.ABANDONED for t in driver.client._experiment.trials.values())
+            n -= sum(r.status == "abandoned" for r in setup.history_rows)  # those came back from the history
+            marked = f" ({n} in-flight trial(s) marked abandoned in Ax and in the history)"
         print(
-            f"\ninterrupted: in-flight trials were marked abandoned; every finished trial is in {setup.history_path}.\nresume with the same command (or add --resume).",
+            f"\ninterrupted: in-flight trials were marked abandoned{marked}; every finished trial is in {setup.history_path}.\n"
+            "resume with the same command (or add --resume).",
             file=sys.stderr,
         )
         return 130
@@ -446,6 +496,8 @@ def run_search(
             history.close()
         if pool is not None:
             pool.shutdown()
+        if setup.lock is not None:
+            setup.lock.release()
     return status
 
 

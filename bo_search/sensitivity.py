@@ -16,9 +16,9 @@ is disjoint from the search and held-out splits (see :mod:`bo_search.data`):
     Per-layer Hessian trace by Hutchinson's estimator: each iteration draws one Rademacher vector
     over all scored layers and one calibration window (cycling), and computes a Hessian-vector
     product by double backward; ``v_l . (Hv)_l`` is an unbiased sample of layer ``l``'s trace. It
-    stops when the relative standard error of every layer's estimate (``--stop_on layers``) or of
-    their total (``--stop_on total``) is below ``--tol``, or after ``--max_iter`` iterations, and
-    records the errors. Predicted loss increase: ``0.5 * max(trace, 0) / numel * ||dW||^2``.
+    stops when the layers' ranking is stable or the total is tight (``--stop_on rank``, default),
+    when every layer's relative standard error (``layers``) or the total's (``total``) is below
+    ``--tol``, or after ``--max_iter`` iterations, and records the errors. Predicted loss increase: ``0.5 * max(trace, 0) / numel * ||dW||^2``.
 ``measured``
     Quantize one slot of the space (a block, by default) at one candidate setting, everything else
     at full precision, and measure the mean KL divergence to the full-precision next-token
@@ -61,7 +61,7 @@ FORMAT = "bo_search.sensitivity/1"
 #: bumped whenever a method's computation changes, so cached tables of the old code are not reused
 #: (2: FIT costs in nats per token, the window-mean Fisher times the window's scored tokens)
 COMPUTE_VERSION = 2
-STOP_RULES = ("layers", "total")
+STOP_RULES = ("rank", "layers", "total")
 MEASURED_METRICS = ("nll", "kl")
 FISHER_LABELS = ("data", "model")
 #: calibration windows per method when --nsamples is not given (measured costs one forward per slot and choice)
@@ -93,7 +93,7 @@ class SensitivityConfig:
     batch_size: int = 4
     max_iter: int = 100
     tol: float = 0.1
-    stop_on: str = "layers"
+    stop_on: str = "rank"
     metric: str = "kl"
     fisher_labels: str = "model"
     seed: int = 0
@@ -436,6 +436,26 @@ def _rel_se(samples: torch.Tensor) -> torch.Tensor:
     return torch.where(mean != 0, se / mean.abs(), torch.full_like(mean, math.inf))
 
 
+def _spearman_t(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra = a.argsort().argsort().to(torch.float64)
+    rb = b.argsort().argsort().to(torch.float64)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / den if den > 0 else 1.0
+
+
+def hutchinson_should_stop(s: torch.Tensor, n_win: int, tol: float, stop_on: str) -> bool:
+    """The stopping test on the samples so far (iterations x layers); see ``hutchinson_traces``."""
+    total_err = _rel_se(s.sum(1, keepdim=True))
+    if stop_on == "rank":
+        # split-half reliability: the ranking from the odd iterations against the even ones
+        # (disjoint samples, so agreement is not shared noise)
+        stable = s.shape[0] >= 2 * max(2, n_win) and _spearman_t(s[0::2].mean(0), s[1::2].mean(0)) >= 1 - tol
+        return stable or bool((total_err < tol).all())
+    err = _rel_se(s) if stop_on == "layers" else total_err
+    return bool((err < tol).all())
+
+
 def hutchinson_sample(model: Any, params: Sequence[torch.nn.Parameter], ids: torch.Tensor, vs: Sequence[torch.Tensor]) -> torch.Tensor:
     """``v_l . (H v)_l`` for each parameter ``l`` (float64), H the Hessian of the mean loss of ``ids``
     with respect to ``params``, by double backward. Needs gradients enabled on ``params``."""
@@ -451,7 +471,7 @@ def hutchinson_traces(
     ids: torch.Tensor,
     max_iter: int = 100,
     tol: float = 0.1,
-    stop_on: str = "layers",
+    stop_on: str = "rank",
     seed: int = 0,
     min_iter: int | None = None,
     progress: Callable[..., Any] | None = None,
@@ -460,6 +480,12 @@ def hutchinson_traces(
 
     Iteration k uses window ``k mod n`` and a fresh Rademacher vector over every layer in ``weights``;
     at least ``min_iter`` iterations (default: one per window, and 4) run before the stopping test.
+
+    Stopping rules: ``rank`` (default) stops when the layers' ranking is stable (Spearman correlation of
+    the per-layer means of the odd and of the even iterations at least ``1 - tol``) or the total is
+    tight (its relative standard error below ``tol``): what an allocation uses is the ranking and the
+    scale. ``layers``: every layer's relative standard error below ``tol`` (slow: single layers'
+    estimates are noisy); ``total``: the total's.
     """
     device = next(iter(weights.values())).device
     params = list(weights.values())
@@ -477,12 +503,9 @@ def hutchinson_traces(
             del vs
             if bar is not None:
                 bar.update(1)
-            if k + 1 >= min_iter:
-                s = torch.stack(samples)
-                err = _rel_se(s) if stop_on == "layers" else _rel_se(s.sum(1, keepdim=True))
-                if bool((err < tol).all()):
-                    converged = True
-                    break
+            if k + 1 >= min_iter and hutchinson_should_stop(torch.stack(samples), n_win, tol, stop_on):
+                converged = True
+                break
     if bar is not None:
         bar.close()
     s = torch.stack(samples)
@@ -902,7 +925,11 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--max_iter", type=int, default=100, help="most Hutchinson iterations (default 100)")
     h.add_argument("--tol", type=float, default=0.1, help="stop when the relative standard error is below this (default 0.1)")
     h.add_argument(
-        "--stop_on", default="layers", choices=STOP_RULES, help="layers: every layer's error; total: the total's (default layers)"
+        "--stop_on",
+        default="rank",
+        choices=STOP_RULES,
+        help="Hessian stopping rule: rank (default): the per-layer ranking is stable (Spearman >= 1 - tol between the odd and the even "
+        "iterations' means) or the total's relative error < tol; layers: every layer's relative error < tol (slow); total: the total's",
     )
     h.add_argument("--seed", type=int, default=0, help="random seed of the Rademacher vectors and the sampled labels (default 0)")
     m = p.add_argument_group("measured")
@@ -973,7 +1000,7 @@ def structure_setup(args: argparse.Namespace) -> Any:
     for k, v in {"include_lm_head": False, "scale_dtype": "float16", "zero_bits": 16, "mse_clip": False, "fp_dtype": None}.items():
         if not hasattr(ns, k):
             setattr(ns, k, v)
-    return runner.prepare(ns, "seed")
+    return runner.prepare(ns, "seed", take_lock=False)
 
 
 def _blocks(args: argparse.Namespace, n_blocks: int) -> list[int] | None:

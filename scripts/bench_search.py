@@ -1,25 +1,31 @@
 """Search quality and cost on the embedded model, every arm under the same evaluation budget.
 
-Arms: uniform baselines; random feasible search; greedy and exact (knapsack) allocations from FIT
-sensitivity; Bayesian optimisation unseeded (``--initial_samples none``) and seeded from
-sensitivity (``--initial_samples auto``). For each arm: the best feasible plan's held-out
-perplexity, the gap closure relative to the uniform plan just below the budget, trials needed to
-get within 1% of the arm's final best (search split), and wall time. Stochastic arms are repeated
-over ``--seeds`` seeds. Also: a per-trial cost breakdown from the BO histories, the ratio of trial
-time to a bare forward pass, and (``--scaling``) trials per hour with 1 and 2 workers.
+Arms: ``uniform`` (the best uniform plan that fits), ``random`` feasible plans, ``greedy`` and
+``exact`` (knapsack) allocations from FIT sensitivity, and searches: ``ts_seeded`` (the Thompson
+strategy from the ``auto`` seeds), ``ts`` (Thompson, no seeds, FIT prior), ``ts_flat`` (no seeds,
+flat prior), ``gp_seeded`` and ``gp`` (Ax's GP). Seeded arms start from the same evaluated seeds
+(evaluated once, copied). For each arm: the best plan's held-out perplexity, the gap closure from
+the uniform plan just below the budget to full precision, trials to within 1% of the arm's final
+best ("n/a" for one-plan arms), proposal time, worker idle, how many of the search's own proposals
+beat every seed, and for Thompson the model's calibration on trials it had not yet seen. Also a
+per-trial cost breakdown and (``--scaling``) trials per hour with 1 and 2 workers.
 
-    python scripts/bench_search.py --quick                 # CI-sized: minutes
-    python scripts/bench_search.py --trials 40 --seeds 3   # the full benchmark (hours on 2 CPU cores)
+    python scripts/bench_search.py --quick                                   # CI-sized: minutes
+    python scripts/bench_search.py --trials 40 --seeds 3 --out runs/b375     # one budget (hours on 2 CPU cores)
+    python scripts/bench_search.py --merge runs/b375/results.json runs/b425/results.json --out runs/bench
 
-Writes a Markdown summary (``--out``, default runs/bench/BENCH.md) and a best-so-far plot.
+Writes a Markdown summary (``--out``, default runs/bench/BENCH.md), results.json and a best-so-far plot.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -32,11 +38,10 @@ import torch
 from bo_search.budget import SlotSizes, random_feasible
 from bo_search.evaluate import perplexity
 from bo_search.history import read_history
-from bo_search.quant import uniform_plan
 from bo_search.runner import EMBEDDED_SPACE
 from bo_search.space import load_space
 from bo_search.trial import EvalConfig, ModelContext
-from bo_search.types import LayerQuant, QuantPlan
+from bo_search.types import QuantPlan
 from bo_search.workers import default_threads
 
 
@@ -44,7 +49,9 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="CI-sized run: 6 trials, 1 seed, 512/1024 tokens")
     p.add_argument("--trials", type=int, default=40)
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="runs per stochastic arm (different random streams)")
+    p.add_argument("--arm_seeds", default=None, metavar="ARM=N,...", help="runs per arm where it differs from --seeds, e.g. random=1,ts=2")
+    p.add_argument("--arm_trials", default=None, metavar="ARM=N,...", help="trials per arm where it differs from --trials, e.g. ts=20")
     p.add_argument(
         "--avg_bits",
         type=float,
@@ -53,13 +60,15 @@ def parse() -> argparse.Namespace:
     )
     p.add_argument("--eval_tokens", type=int, default=2048)
     p.add_argument("--heldout_tokens", type=int, default=4096)
-    p.add_argument("--arms", default="uniform,random,greedy,exact,bo,bo_seeded")
+    p.add_argument("--arms", default="uniform,random,greedy,exact,gp_seeded,ts_seeded,ts")
+    p.add_argument("--space", default=str(EMBEDDED_SPACE), help="parameter space JSON (default: the per-block space)")
+    p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS.json", help="merge runs' results.json into one table (--out)")
     p.add_argument("--scaling", action="store_true", help="also measure trials/hour with 1 and 2 workers")
     p.add_argument("--scaling_trials", type=int, default=16, help="trials per scaling run (uniform seeds, then BO)")
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args()
     if args.quick:
-        args.trials, args.seeds, args.eval_tokens, args.heldout_tokens, args.scaling_trials = 6, 1, 512, 1024, 4
+        args.trials, args.seeds, args.eval_tokens, args.heldout_tokens, args.scaling_trials = 8, 1, 512, 1024, 4
     return args
 
 
@@ -69,7 +78,8 @@ class Bench:
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.ctx = ModelContext(EvalConfig(eval_tokens=args.eval_tokens, heldout_tokens=args.heldout_tokens))
-        self.space = load_space(EMBEDDED_SPACE, self.ctx.layers)
+        self.space_path = Path(args.space).resolve()
+        self.space = load_space(self.space_path, self.ctx.layers)
         n = sum(li.numel for li in self.ctx.layers.linears)
         self.limit = (self.ctx.size_model.other_bits + n * args.avg_bits) / 8 / 1e9
         self.sizes = SlotSizes(self.space, self.ctx.size_model)
@@ -86,14 +96,38 @@ class Bench:
         return self._heldout[plan]
 
     def curve(self, plans_ppl: list[tuple[QuantPlan, float]]) -> list[float]:
-        """Best-so-far held-out perplexity after each trial (held-out of the best-by-search plan)."""
+        """Best-so-far held-out perplexity (of the best-by-search plan) after each trial; measured at
+        the report's marks only (held-out evaluations are dear), carried forward in between."""
+        marks = set(curve_marks(self.args.trials)) | {len(plans_ppl)}
         best: tuple[QuantPlan, float] | None = None
-        out = []
-        for plan, ppl in plans_ppl:
+        out: list[float] = []
+        for k, (plan, ppl) in enumerate(plans_ppl, 1):
             if best is None or ppl < best[1]:
                 best = (plan, ppl)
-            out.append(self.heldout(best[0]))
+            out.append(self.heldout(best[0]) if k in marks else math.nan)
+        for i in range(len(out) - 2, -1, -1):  # fill back from the next mark (a flat stretch until then is not claimed)
+            if math.isnan(out[i]):
+                out[i] = out[i + 1]
         return out
+
+
+def curve_marks(trials: int) -> list[int]:
+    return sorted({k for k in (1, 5, 10, 20, 30, 40, 50, trials) if k <= trials})
+
+
+def _per_arm(spec: str | None, arm: str, default: int) -> int:
+    for item in (spec or "").split(","):
+        if "=" in item and item.split("=")[0] == arm:
+            return int(item.split("=")[1])
+    return default
+
+
+def seeds_for_arm(args: argparse.Namespace, arm: str) -> int:
+    return _per_arm(args.arm_seeds, arm, args.seeds)
+
+
+def trials_for_arm(args: argparse.Namespace, arm: str) -> int:
+    return _per_arm(args.arm_trials, arm, args.trials)
 
 
 def bare_forward(b: Bench) -> float:
@@ -114,44 +148,116 @@ def trials_to_1pct(search_ppls: list[float]) -> int:
     return len(search_ppls)
 
 
-def run_bo(b: Bench, seeds_spec: str, seed: int, trials: int, workers: int = 1) -> dict[str, Any]:
-    hist = b.out / f"bo_{seeds_spec}_s{seed}_w{workers}.csv"
-    for p in (hist, Path(str(hist) + ".best_plan.json")):
-        p.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "bo_search.acc_modelsize", "--avg_bits", str(b.args.avg_bits), "--num_trials", str(trials), "--initial_samples", seeds_spec,
-           "--seed", str(seed), "--history_output", str(hist), "--eval_tokens", str(b.args.eval_tokens), "--heldout_tokens", str(b.args.heldout_tokens),
-           "--num_workers", str(workers)]  # fmt: skip
+SEARCH_ARMS = {
+    # arm: (strategy, --initial_samples, --prior)
+    "gp": ("gp", "none", "none"),
+    "gp_seeded": ("gp", "auto", "none"),
+    "ts": ("thompson", "none", "auto"),
+    "ts_flat": ("thompson", "none", "none"),
+    "ts_seeded": ("thompson", "auto", "auto"),
+}
+OWN_SOURCES = ("thompson", "bo", "sobol", "repaired", "random")
+
+
+def seed_history(b: Bench) -> tuple[Path, int]:
+    """The auto seeds evaluated once (deterministic), copied as the start of every seeded run."""
+    from bo_search import acc_modelsize, runner
+
+    args = acc_modelsize.build_parser().parse_args(
+        ["--avg_bits", str(b.args.avg_bits), "--parameters_list", str(b.space_path), "--history_output", os.devnull]
+    )
+    setup = runner.prepare(args, "modelsize", take_lock=False)
+    seeds = runner.seeds_for(setup, "auto", acc_modelsize.size_limit(setup, None, b.args.avg_bits))
+    hist = b.out / "seeds.csv"
+    if hist.exists() and sum(1 for r in read_history(hist).rows if r.status == "completed") == len(seeds):
+        return hist, len(seeds)
+    hist.unlink(missing_ok=True)
+    run_cli(b, hist, ["--strategy", "thompson", "--initial_samples", "auto", "--num_trials", str(len(seeds))])
+    return hist, len(seeds)
+
+
+def run_cli(b: Bench, hist: Path, extra: list[str], workers: int = 1) -> tuple[str, float]:
+    cmd = [sys.executable, "-m", "bo_search.acc_modelsize", "--avg_bits", str(b.args.avg_bits), "--parameters_list", str(b.space_path),
+           "--history_output", str(hist), "--eval_tokens", str(b.args.eval_tokens), "--heldout_tokens", "0",
+           "--num_workers", str(workers), *extra]  # fmt: skip
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
-        raise SystemExit(f"BO run failed: {' '.join(cmd)}\n{r.stderr[-3000:]}")
+        raise SystemExit(f"search run failed: {' '.join(cmd)}\n{r.stderr[-3000:]}")
+    return r.stdout, wall
+
+
+def run_search(b: Bench, arm: str, seed: int, trials: int, workers: int = 1) -> dict[str, Any]:
+    strategy, init, prior = SEARCH_ARMS[arm]
+    hist = b.out / f"{arm}_s{seed}_w{workers}.csv"
+    for p in (hist, Path(str(hist) + ".best_plan.json")):
+        p.unlink(missing_ok=True)
+    if init == "auto":
+        src, _ = seed_history(b)
+        shutil.copyfile(src, hist)  # the same evaluated seeds for every seeded arm and stream
+    stdout, wall = run_cli(b, hist, ["--strategy", strategy, "--initial_samples", init, "--prior", prior, "--seed", str(seed),
+                                     "--num_trials", str(trials)], workers)  # fmt: skip
     rows = read_history(hist).rows
-    done = [x for x in rows if x.status == "completed"]
-    done.sort(key=lambda x: x.timestamp)
-    return {"rows": rows, "completed": done, "wall_s": wall, "stdout": r.stdout, "history": str(hist)}
+    done = sorted((x for x in rows if x.status == "completed"), key=lambda x: x.timestamp)
+    idle = re.search(r"worker idle waiting for proposals: ([0-9.]+)%", stdout)
+    return {
+        "rows": rows,
+        "completed": done,
+        "wall_s": wall,
+        "stdout": stdout,
+        "history": str(hist),
+        "idle": float(idle.group(1)) if idle else None,
+    }
+
+
+def calibration(b: Bench, completed: list[Any], n_seeds: int) -> list[tuple[float, float, float]]:
+    """(predicted mean, predicted sd, measured) NLL of each trial after the seeds, from the
+    Thompson model fitted on the trials before it (so on trials it had not yet seen)."""
+    from bo_search.sensitivity import cached_sensitivity
+    from bo_search.strategy import Posterior, ThompsonConfig, build_problem
+
+    sens, _, _ = cached_sensitivity(b.ctx.cfg, b.ctx.ref, b.ctx.layers, b.space, "fit")
+    problem = build_problem(b.space, b.sizes, sens.slot_costs(b.space))
+    picks = [problem.pick_of(b.space.encode(x.plan)) for x in completed]
+    ys = [x.nll for x in completed]
+    out = []
+    for t in range(max(1, n_seeds), len(completed)):
+        post = Posterior(problem, ThompsonConfig()).fit(picks[:t], ys[:t])
+        m, sd = post.predict([picks[t]])
+        out.append((float(m[0]), float(sd[0]), float(ys[t])))
+    return out
 
 
 def main() -> None:
     args = parse()
+    if args.merge:
+        merge(args)
+        return
     torch.manual_seed(0)
     b = Bench(args)
     arms = args.arms.split(",")
+    unknown = [a for a in arms if a not in ("uniform", "random", "greedy", "exact", *SEARCH_ARMS)]
+    if unknown:
+        raise SystemExit(f"unknown arm {unknown[0]!r}: use uniform, random, greedy, exact, {', '.join(SEARCH_ARMS)}")
     fp_held = b.heldout(QuantPlan())
     results: dict[str, list[dict[str, Any]]] = {}
     curves: dict[str, list[list[float]]] = {}
     print(
-        f"budget {args.avg_bits} avg bits = {b.limit:.6g} GB; {args.trials} trials per arm; seeds {args.seeds}; full precision held-out ppl {fp_held:.3f}",
+        f"budget {args.avg_bits} avg bits = {b.limit:.6g} GB; space {b.space_path.name}; {args.trials} trials per arm; "
+        f"seeds {args.seeds}; full precision held-out ppl {fp_held:.3f}",
         flush=True,
     )
 
     # the uniform plan just below the budget (reference for gap closure)
     uniform = []
-    for bits in (2, 3, 4, 5, 6, 8):
-        for g in (32, 64, 192):
-            plan = uniform_plan(b.ctx.layers, LayerQuant(bits, g))
-            if b.ctx.size_model.gb(plan) <= b.limit:
-                uniform.append((b.ctx.size_model.gb(plan), bits, g, plan))
+    for bits, g in sorted({(v["b"], v["g"]) for v in _uniform_choices(b.space)}):
+        vals = b.space.uniform(bits, g, check_fixed=False)
+        if vals is None:
+            continue
+        plan = b.space.decode(vals)
+        if b.ctx.size_model.gb(plan) <= b.limit:
+            uniform.append((b.ctx.size_model.gb(plan), bits, g, plan))
     ref_size, ref_bits, ref_g, ref_plan = max(uniform, key=lambda u: (u[0], -u[2]))
     ref_held = b.heldout(ref_plan)
     print(f"uniform reference: {ref_bits}-bit g{ref_g}, {ref_size:.6g} GB, held-out ppl {ref_held:.3f}", flush=True)
@@ -163,11 +269,11 @@ def main() -> None:
         t0 = time.perf_counter()
         best = min(uniform, key=lambda u: b.search_ppl(u[3]))
         results["uniform"] = [
-            {"heldout": b.heldout(best[3]), "trials_1pct": len(uniform), "wall_s": time.perf_counter() - t0, "trials": len(uniform)}
+            {"heldout": b.heldout(best[3]), "trials_1pct": None, "wall_s": time.perf_counter() - t0, "trials": len(uniform)}
         ]
     if "random" in arms:
         results["random"], curves["random"] = [], []
-        for s in range(args.seeds):
+        for s in range(seeds_for_arm(args, "random")):
             rng = random.Random(s)
             t0 = time.perf_counter()
             plans = [b.space.decode(random_feasible(b.sizes, b.limit, rng)) for _ in range(args.trials)]
@@ -189,7 +295,7 @@ def main() -> None:
         from bo_search.sensitivity import cached_sensitivity
 
         t0 = time.perf_counter()
-        sens, _, _ = cached_sensitivity(b.ctx.cfg, b.ctx.ref, b.ctx.layers, b.space, "fit")
+        sens, _, hit = cached_sensitivity(b.ctx.cfg, b.ctx.ref, b.ctx.layers, b.space, "fit")
         sens_s = time.perf_counter() - t0
         for name in ("greedy", "exact"):
             if name not in arms:
@@ -197,33 +303,62 @@ def main() -> None:
             t0 = time.perf_counter()
             [seed] = allocate(b.space, b.ctx.size_model, sens, b.limit, solvers=(name,), fractions=(1.0,))
             plan = b.space.decode(seed.values)
-            results[name] = [{"heldout": b.heldout(plan), "trials_1pct": 1, "wall_s": time.perf_counter() - t0 + sens_s, "trials": 1}]
+            solve_s = time.perf_counter() - t0
+            results[name] = [
+                {
+                    "heldout": b.heldout(plan),
+                    "trials_1pct": None,
+                    "wall_s": solve_s + (0.0 if hit else sens_s),
+                    "wall_note": "FIT cached" if hit else f"incl. FIT {sens_s:.0f} s",
+                    "trials": 1,
+                }
+            ]
             print(f"{name}: held-out {results[name][0]['heldout']:.3f}", flush=True)
     breakdown = []
-    for arm, spec in (("bo", "none"), ("bo_seeded", "auto")):
-        if arm not in arms:
-            continue
+    n_seeds = seed_history(b)[1] if any(SEARCH_ARMS[a][1] == "auto" for a in arms if a in SEARCH_ARMS) else 0
+    for arm in [a for a in arms if a in SEARCH_ARMS]:
         results[arm], curves[arm] = [], []
-        for s in range(args.seeds):
-            run = run_bo(b, spec, s, args.trials)
+        seeded = SEARCH_ARMS[arm][1] == "auto"
+        for s in range(seeds_for_arm(args, arm)):
+            run = run_search(b, arm, s, trials_for_arm(args, arm))
             comp = run["completed"]
             scored = [(x.plan, x.cal_PPL) for x in comp]
             curves[arm].append(b.curve(scored))
             best = min(comp, key=lambda x: x.cal_PPL)
-            results[arm].append(
-                {
-                    "heldout": b.heldout(best.plan),
-                    "trials_1pct": trials_to_1pct([x.cal_PPL for x in comp]),
-                    "wall_s": run["wall_s"],
-                    "trials": len(comp),
-                }
-            )
+            own = [x for x in comp if x.source in OWN_SOURCES]
+            seeds_ = [x for x in comp if x.source == "seed"]
+            best_seed = min(seeds_, key=lambda x: x.cal_PPL) if seeds_ else None
+            best_own = min(own, key=lambda x: x.cal_PPL) if own else None
+            props = [x.proposal_s for x in run["rows"] if x.source in OWN_SOURCES and x.proposal_s is not None]
+            res = {
+                "heldout": b.heldout(best.plan),
+                "best_source": best.source,
+                "trials_1pct": trials_to_1pct([x.cal_PPL for x in comp]),
+                "wall_s": run["wall_s"],
+                "trials": len(comp),
+                "proposal_s_mean": statistics.mean(props) if props else None,
+                "proposal_s_max": max(props) if props else None,
+                "idle_pct": run["idle"],
+                "over_limit": sum(x.status == "infeasible" for x in run["rows"]),
+                "own_beat_seeds": sum(best_seed is not None and x.cal_PPL < best_seed.cal_PPL for x in own),
+                "own": len(own),
+                "best_own_heldout": b.heldout(best_own.plan) if best_own else None,
+                "best_seed_heldout": b.heldout(best_seed.plan) if best_seed else None,
+            }
+            if SEARCH_ARMS[arm][0] == "thompson":
+                cal = calibration(b, comp, n_seeds if seeded else 1)
+                res["calibration"] = cal
+            results[arm].append(res)
             breakdown.append(run)
-            print(f"{arm} seed {s}: held-out {results[arm][-1]['heldout']:.3f} in {run['wall_s']:.0f} s", flush=True)
+            print(
+                f"{arm} seed {s}: held-out {res['heldout']:.3f} (best from {res['best_source']}) in {run['wall_s']:.0f} s; "
+                f"best own {res['best_own_heldout']} vs best seed {res['best_seed_heldout']}",
+                flush=True,
+            )
     scaling = {}
     if args.scaling:
         for w in (1, 2):
-            run = run_bo(b, "uniform", 100, args.scaling_trials, workers=w)
+            run = run_search(b, "ts_seeded", 100, args.scaling_trials, workers=w)
             # trials/hour of the search itself: from the first trial's start (its result time minus its
             # apply + evaluate time) to the last result; and end to end (incl. Ray start and model load)
             comp = run["completed"]
@@ -237,21 +372,102 @@ def main() -> None:
     write_report(b, args, results, curves, breakdown, scaling, fp_held, (ref_bits, ref_g, ref_size, ref_held), gap)
 
 
+def _spearman(a: list[float], b: list[float]) -> float:
+    def ranks(v: list[float]) -> list[float]:
+        order = sorted(range(len(v)), key=v.__getitem__)
+        r = [0.0] * len(v)
+        for i, j in enumerate(order):
+            r[j] = float(i)
+        return r
+
+    if len(a) < 3:
+        return float("nan")
+    return statistics.correlation(ranks(a), ranks(b))
+
+
+def _uniform_choices(space: Any) -> list[dict[str, int]]:
+    bits = sorted({v for p in space.tunable if p.kind == "bits" for v in p.values})
+    groups = sorted({v for p in space.tunable if p.kind == "group_size" for v in p.values})
+    return [{"b": b_, "g": g} for b_ in bits for g in groups]
+
+
+def merge(args: argparse.Namespace) -> None:
+    """One table over several runs' results.json (each run: one budget and space, one machine state)."""
+    lines = ["| budget | space | arm | runs | held-out ppl (mean ± sd) | gap closure | trials to within 1% | proposal s (mean / max) | worker idle % | own proposals beating every seed | best own vs best seed (held-out) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    best_any = []
+    for path in args.merge:
+        data = json.loads(Path(path).read_text())
+        meta = data["meta"]
+        for arm, rs in data["results"].items():
+            lines.append(_arm_row(arm, rs, meta, lambda h, m=meta: (m["ref_held"] - h) / (m["ref_held"] - m["fp_held"]), prefix=True))
+        top = min((r["heldout"] for rs in data["results"].values() for r in rs), default=float("nan"))
+        best_any.append(
+            f"- {meta['avg_bits']} avg bits, {meta['space']}: best held-out ppl of any arm {top:.3f} (uniform reference {meta['ref_held']:.3f}, full precision {meta['fp_held']:.3f})"
+        )
+    text = "\n".join(lines + [""] + best_any) + "\n"
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "MERGED.md").write_text(text)
+    print(text)
+
+
+def _fmt(v: Any, spec: str = ".2f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _arm_row(arm: str, rs: list[dict[str, Any]], meta: dict[str, Any], gap: Any, prefix: bool = False) -> str:
+    h = [r["heldout"] for r in rs]
+    sd = statistics.stdev(h) if len(h) > 1 else 0.0
+    t1 = [r["trials_1pct"] for r in rs if r.get("trials_1pct") is not None]
+    props = [r["proposal_s_mean"] for r in rs if r.get("proposal_s_mean") is not None]
+    pmax = [r["proposal_s_max"] for r in rs if r.get("proposal_s_max") is not None]
+    idle = [r["idle_pct"] for r in rs if r.get("idle_pct") is not None]
+    own = [f"{r['own_beat_seeds']}/{r['own']}" for r in rs if "own_beat_seeds" in r]
+    vs = [f"{_fmt(r.get('best_own_heldout'))} vs {_fmt(r.get('best_seed_heldout'))}" for r in rs if r.get("best_seed_heldout") is not None]
+    cells = [
+        arm,
+        str(len(rs)),
+        f"{statistics.mean(h):.3f} ± {sd:.3f}",
+        f"{100 * statistics.mean(gap(x) for x in h):.1f}%",
+        f"{statistics.mean(t1):.1f}" if t1 else "n/a",
+        f"{statistics.mean(props):.2f} / {max(pmax):.2f}" if props else "n/a",
+        f"{statistics.mean(idle):.1f} (max {max(idle):.1f})" if idle else "n/a",
+        ", ".join(own) if own else "n/a",
+        "; ".join(vs) if vs else "n/a",
+    ]
+    if prefix:
+        cells = [f"{meta['avg_bits']}", meta["space"], *cells]
+    return "| " + " | ".join(cells) + " |"
+
+
 def write_report(
     b: Bench, args: argparse.Namespace, results: dict, curves: dict, breakdown: list, scaling: dict, fp_held: float, ref: tuple, gap: Any
 ) -> None:
-    lines = [f"Budget {args.avg_bits} average bits ({b.limit:.6g} GB); {args.trials} evaluations per arm; held-out {args.heldout_tokens} tokens, search {args.eval_tokens} tokens.",
+    meta = {"avg_bits": args.avg_bits, "space": b.space_path.name, "limit_gb": b.limit, "trials": args.trials, "eval_tokens": args.eval_tokens,
+            "heldout_tokens": args.heldout_tokens, "fp_held": fp_held, "ref": f"uniform {ref[0]}-bit g{ref[1]}", "ref_held": ref[3]}  # fmt: skip
+    lines = [f"Budget {args.avg_bits} average bits ({b.limit:.6g} GB), space {b.space_path.name}; {args.trials} evaluations per search arm; "
+             f"held-out {args.heldout_tokens} tokens, search {args.eval_tokens} tokens.",
              f"Full precision held-out ppl {fp_held:.3f}; reference uniform {ref[0]}-bit g{ref[1]} ({ref[2]:.6g} GB) held-out ppl {ref[3]:.3f}.", "",
-             "| arm | runs | held-out ppl (mean ± sd) | gap closure | trials to within 1% | wall s |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "| arm | runs | held-out ppl (mean ± sd) | gap closure | trials to within 1% | proposal s (mean / max) | worker idle % | own proposals beating every seed | best own vs best seed (held-out) |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for arm, rs in results.items():
-        h = [r["heldout"] for r in rs]
-        sd = statistics.stdev(h) if len(h) > 1 else 0.0
-        g = [gap(x) for x in h]
-        lines.append(
-            f"| {arm} | {len(rs)} | {statistics.mean(h):.3f} ± {sd:.3f} | {100 * statistics.mean(g):.1f}% | {statistics.mean(r['trials_1pct'] for r in rs):.1f} | {statistics.mean(r['wall_s'] for r in rs):.0f} |"
-        )
+        lines.append(_arm_row(arm, rs, meta, gap))
+    walls = [
+        f"{arm}: " + ", ".join(f"{r['wall_s']:.0f} s" + (f" ({r['wall_note']})" if r.get("wall_note") else "") for r in rs)
+        for arm, rs in results.items()
+    ]
+    lines += ["", "Wall time per run: " + "; ".join(walls) + "."]
+    cal = [c for rs in results.values() for r in rs for c in r.get("calibration", [])]
+    if cal:
+        err = [m - y for m, _, y in cal]
+        z = [(m - y) / sd for m, sd, y in cal if sd > 0]
+        within = sum(abs(v) <= 2 for v in z)
+        rho = _spearman([m for m, _, _ in cal], [y for _, _, y in cal])
+        lines += ["", f"Calibration of the Thompson model on trials it had not yet seen ({len(cal)} trials): mean error "
+                  f"{statistics.mean(err):+.4f} nats, mean absolute error {statistics.mean(abs(e) for e in err):.4f} nats, "
+                  f"{within} of {len(z)} within 2 predicted sd, Spearman(predicted, measured) {rho:.3f}."]  # fmt: skip
     if curves:
-        marks = sorted({k for k in (1, 5, 10, 20, 30, 40, 50, args.trials) if k <= args.trials})
+        marks = curve_marks(args.trials)
         lines += ["", "Best-so-far held-out perplexity after k trials (mean over runs):", "",
                   "| arm | " + " | ".join(f"k={k}" for k in marks) + " |", "|---|" + "---|" * len(marks)]  # fmt: skip
         for arm, cs in curves.items():
@@ -261,7 +477,7 @@ def write_report(
         comp = [x for run in breakdown for x in run["completed"]]
         q = statistics.mean(x.quantize_s or 0 for x in comp)
         e = statistics.mean(x.evaluate_s or 0 for x in comp)
-        props = [x.proposal_s for run in breakdown for x in run["rows"] if x.source in ("bo", "sobol") and x.proposal_s]
+        props = [x.proposal_s for run in breakdown for x in run["rows"] if x.source in OWN_SOURCES and x.proposal_s]
         idle = [line for run in breakdown for line in run["stdout"].splitlines() if "idle waiting" in line]
         # the worker of a 1-worker search on this machine runs (cores - 1) threads: time the bare forward the same way
         worker_threads = default_threads(1)
@@ -300,7 +516,7 @@ def write_report(
             )
     text = "\n".join(lines) + "\n"
     (b.out / "BENCH.md").write_text(text)
-    (b.out / "results.json").write_text(json.dumps({"results": results, "curves": curves, "scaling": scaling}, indent=1))
+    (b.out / "results.json").write_text(json.dumps({"meta": meta, "results": results, "curves": curves, "scaling": scaling}, indent=1))
     print(text)
     if curves:
         import matplotlib
@@ -315,7 +531,14 @@ def write_report(
                     range(1, len(c) + 1),
                     c,
                     label=arm if i == 0 else None,
-                    color={"random": "tab:gray", "bo": "tab:blue", "bo_seeded": "tab:red"}.get(arm),
+                    color={
+                        "random": "tab:gray",
+                        "gp": "tab:cyan",
+                        "gp_seeded": "tab:blue",
+                        "ts": "tab:orange",
+                        "ts_flat": "tab:brown",
+                        "ts_seeded": "tab:red",
+                    }.get(arm),
                 )
         for arm in ("uniform", "greedy", "exact"):
             if arm in results:

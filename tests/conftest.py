@@ -9,9 +9,34 @@ import bo_search  # noqa: E402,F401  (offline environment first)
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Tests use their own cache dir, except for the embedded model conversion which is shared
-    (it costs ~25 s; BO_SEARCH_TEST_SHARED_CACHE=0 disables sharing)."""
-    yield
+    """Every test, subprocesses included (they inherit the environment), uses a temporary cache
+    root: text, tokens, sensitivity tables, bandwidth and lm_eval tasks never touch the user's
+    cache, and no stale entry can make a test pass. The one expensive artefact, the dequantized
+    embedded model (about 25 s), is converted once in the user's cache and linked in
+    (BO_SEARCH_TEST_SHARED_CACHE=0: converted inside the temporary root instead)."""
+    import os
+
+    root = tmp_path_factory.mktemp("bo_search_cache")
+    before = os.environ.get("BO_SEARCH_CACHE")
+    if os.environ.get("BO_SEARCH_TEST_SHARED_CACHE", "1") != "0":
+        from bo_search.model import _convert_gguf, resolve_checkpoint
+        from bo_search.types import UserError
+
+        try:
+            src = _convert_gguf(resolve_checkpoint(None))
+        except UserError:
+            src = None  # the embedded model is not installed: tests that need it fail on their own
+        if src is not None:
+            (root / "models").mkdir()
+            (root / "models" / src.name).symlink_to(src, target_is_directory=True)
+    os.environ["BO_SEARCH_CACHE"] = str(root)
+    try:
+        yield root
+    finally:
+        if before is None:
+            os.environ.pop("BO_SEARCH_CACHE", None)
+        else:
+            os.environ["BO_SEARCH_CACHE"] = before
 
 
 @pytest.fixture(scope="session")

@@ -94,3 +94,18 @@ def test_embedded_model_and_text(real_ctx):
     sizes = {s: token_stream(real_ctx.tok, wikipedia_corpus(), s).numel() for s in SPLITS}
     assert 600_000 < sum(sizes.values()) < 800_000
     assert all(v > 50_000 for v in sizes.values())
+
+
+def test_cache_is_isolated_in_tests_and_subprocesses(_isolated_cache):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from bo_search.model import cache_dir
+
+    assert cache_dir() == Path(_isolated_cache) and Path.home() / ".cache" not in cache_dir().parents
+    out = subprocess.run(
+        [sys.executable, "-c", "from bo_search.model import cache_dir; print(cache_dir())"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == str(_isolated_cache) and os.environ["BO_SEARCH_CACHE"] == out

@@ -165,7 +165,8 @@ def test_real_model_packed_file_within_1_percent(real_ctx, tmp_path):
     ctx = real_ctx
     plan = QuantPlan({li.fqn: [LayerQuant(3, 64), LayerQuant(4, 32), LayerQuant(8, 192)][li.block % 3] for li in ctx.layers.linears})
     predicted = ctx.size_model.report(plan).total_bytes
-    path = save_packed(ctx.model, ctx.layers, plan, tmp_path / "packed", ctx.scheme)
+    # unquantized tensors at the storage dtype the size model counts (16-bit for the GGUF source)
+    path = save_packed(ctx.model, ctx.layers, plan, tmp_path / "packed", ctx.scheme, fp_dtype=ctx.size_model.fp_dtype)
     actual = path.stat().st_size
     assert abs(actual - predicted) / predicted < 0.01, (actual, predicted)
     state, _ = load_packed_state(path)

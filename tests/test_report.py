@@ -142,7 +142,7 @@ def test_report_from_csv_alone(synth, tmp_path):
     assert "**2 failed**" in md and "1 over-limit proposal(s)" in md and "1 abandoned" in md
     # proposal share: 12 proposals x 0.5 s over 8 x 5 s + 1.5 s + 3 s of evaluation
     assert f"{100 * 6.0 / 44.5:.1f}% of evaluation time" in md
-    assert "RuntimeError: boom" in md and "Not evaluated (`--no_eval`)" in md
+    assert "RuntimeError: boom" in md and "Not evaluated (the report renders from the history alone" in md
     assert f"Trial **{an.best.trial_index}**" in md
     exp = res.export
     assert exp is not None and exp.trial == an.best.trial_index
@@ -320,7 +320,7 @@ def test_other_model_exit_2(synth, tmp_path, capsys):
 
     other = make_checkpoint(tmp_path / "other", "llama", n_layers=2)
     path, _ = synth
-    code, _out, err = run_main(capsys, path, "--checkpoint", other, "--out", tmp_path / "r")
+    code, _out, err = run_main(capsys, path, "--evaluate", "--checkpoint", other, "--out", tmp_path / "r")
     assert code == 2 and "was searched on model" in err and err.strip().count("\n") == 0
 
 
@@ -342,6 +342,7 @@ def test_report_on_real_search(tiny_llama, tmp_path):
     r = run_cli(base_args(tiny_llama, space, hist, "--num_trials", "6"))
     assert r.returncode == 0, r.stderr[-3000:]
     flags = [
+        "--evaluate",
         "--checkpoint",
         str(tiny_llama),
         "--eval_text",

@@ -151,8 +151,14 @@ def test_ctrl_c_marks_abandoned_and_says_how_to_resume(tiny_llama, tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "resume with the same command" in err
     rows = read_history(hist).rows  # still a valid CSV
-    assert any(x.status == "abandoned" for x in rows) or all(x.status != "abandoned" for x in rows)
     assert sum(x.status == "completed" for x in rows) >= 2
+    # the one worker is never idle (a proposal is always queued), so a trial was in flight: it is
+    # recorded as abandoned with the reason, and the summary says how many were marked so in Ax
+    abandoned = [x for x in rows if x.status == "abandoned"]
+    assert len(abandoned) == 1, [(x.trial_index, x.status) for x in rows]
+    assert abandoned[0].reason == "interrupted (Ctrl-C)" and abandoned[0].cal_PPL is None
+    assert f"({len(abandoned)} in-flight trial(s) marked abandoned in Ax and in the history)" in err
+    assert len({x.trial_index for x in rows}) == len(rows)
 
 
 @pytest.mark.parametrize(
@@ -226,13 +232,125 @@ def test_pareto_search_front(tiny_llama, tmp_path):
 
 
 def test_real_model_short_search(tmp_path):
+    """The default strategy on the embedded model: 2 uniform seeds, then Thompson proposals."""
     hist = tmp_path / "real.csv"
     r = run_cli(
-        ["--num_trials", "3", "--eval_tokens", "512", "--heldout_tokens", "512", "--history_output", str(hist), "--n_sobol", "0"],
-        timeout=900,
-    )
+        ["--num_trials", "5", "--eval_tokens", "512", "--heldout_tokens", "512", "--history_output", str(hist),
+         "--initial_samples", "uniform"],
+        timeout=1200,
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
-    rows = [x for x in read_history(hist).rows if x.status == "completed"]
-    assert len(rows) == 3
-    assert all(10 < x.cal_PPL < 200 for x in rows)  # real pretrained model, >= 4-bit seeds
-    assert "best feasible trial" in r.stdout
+    rows = read_history(hist).rows
+    done = [x for x in rows if x.status == "completed"]
+    assert len(done) == 5 and all(10 < x.cal_PPL < 200 for x in done)  # real pretrained model at 4.25 avg bits
+    own = [x for x in done if x.source == "thompson"]
+    assert len(own) >= 2 and all(x.proposal_s is not None and x.proposal_s < 30 for x in own)
+    assert not any(x.status == "infeasible" for x in rows)  # Thompson proposals fit by construction
+    limit = own[0].limit
+    assert limit is not None and all(x.model_size <= limit for x in done) and own[0].limit_metric == "model_size_gb"
+    assert "best feasible trial" in r.stdout and "strategy thompson (prior: fit[model])" in r.stdout
+
+
+def test_strategy_rows_and_bad_strategy(tiny_llama, tmp_path):
+    space = tiny_space(tmp_path / "space.json")
+    hist = tmp_path / "h.csv"
+    r = run_cli(base_args(tiny_llama, space, hist, "--num_trials", "6", "--initial_samples", "none"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_history(hist).rows
+    assert [x.source for x in rows] == ["thompson"] * 6 and all(x.status == "completed" for x in rows)
+    assert len({x.plan for x in rows}) == 6  # every proposal new
+    r = run_cli(base_args(tiny_llama, space, tmp_path / "x.csv", "--strategy", "thomson"))
+    assert r.returncode == 2 and "did you mean 'thompson'" in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_gp_strategy_proposes_repairs_and_records_over_limit_rows(tiny_llama, tmp_path):
+    """The GP strategy's own proposals run (Sobol, then BO), and over-limit proposals are recorded as
+    infeasible (never evaluated) and repaired into a plan that fits."""
+    space = tiny_space(tmp_path / "space.json")
+    hist = tmp_path / "h.csv"
+    args = base_args(tiny_llama, space, hist, "--num_trials", "8", "--initial_samples", "none", "--strategy", "gp")
+    args[args.index("--avg_bits") + 1] = "3.5"  # tight: most of the space is over the limit
+    r = run_cli(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_history(hist).rows
+    sources = {x.source for x in rows if x.status == "completed"}
+    assert "sobol" in sources and ({"bo", "repaired"} & sources), sources
+    limit = rows[0].limit
+    over = [x for x in rows if x.status == "infeasible"]
+    assert over, "a tight limit must produce over-limit proposals"
+    for x in over:
+        assert x.model_size > limit and x.cal_PPL is None and "over the limit; not evaluated" in x.reason
+    for x in rows:
+        if x.status == "completed":
+            assert x.model_size <= limit and x.cal_PPL is not None and x.nll is not None
+    assert any(x.source == "repaired" for x in rows)
+
+
+def test_heldout_zero_skips_heldout_everywhere(tiny_llama, tmp_path):
+    space = tiny_space(tmp_path / "space.json")
+    hist = tmp_path / "h.csv"
+    args = base_args(tiny_llama, space, hist, "--num_trials", "3")
+    args[args.index("--heldout_tokens") + 1] = "0"
+    r = run_cli(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    best = json.loads((tmp_path / "h.csv.best_plan.json").read_text())
+    assert best["ppl_heldout"] is None and best["cal_PPL"] > 1
+    assert all(x.ppl_heldout is None for x in read_history(hist).rows)
+    assert "(held-out)" not in r.stdout
+    p = [
+        a
+        for a in base_args(tiny_llama, space, tmp_path / "p.csv", "--num_trials", "3", "--max_ppl", "100000")
+        if a not in ("--avg_bits", "5")
+    ]
+    p[p.index("--heldout_tokens") + 1] = "0"
+    r = run_cli(p, module="bo_search.pareto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    front = json.loads((tmp_path / "p.csv.pareto.json").read_text())["front"]
+    assert front and all(x["ppl_heldout"] is None for x in front)
+    rep = subprocess.run([sys.executable, "-m", "bo_search.report", str(hist)], capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+
+
+def test_history_records_its_limit_and_refuses_another(tiny_llama, tmp_path):
+    space = tiny_space(tmp_path / "space.json")
+    hist = tmp_path / "h.csv"
+    r = run_cli(base_args(tiny_llama, space, hist, "--num_trials", "2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_history(hist).rows
+    assert {x.limit_metric for x in rows} == {"model_size_gb"} and len({x.limit for x in rows}) == 1
+    assert rows[0].goal == "min nll s.t. model_size_gb <= limit"
+    before = hist.read_bytes()
+    args = base_args(tiny_llama, space, hist, "--num_trials", "3")
+    args[args.index("--avg_bits") + 1] = "6"
+    r = run_cli(args)
+    assert r.returncode == 2 and "--change_limit" in r.stderr and r.stderr.strip().count("\n") == 0
+    assert hist.read_bytes() == before
+    r = run_cli([*args, "--change_limit"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = read_history(hist).rows
+    assert len({x.limit for x in after}) == 2 and after[-1].limit > after[0].limit  # the change is recorded per row
+    # the report draws the limit in force now
+    rep = subprocess.run([sys.executable, "-m", "bo_search.report", str(hist)], capture_output=True, text=True, timeout=300)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    md = (tmp_path / "h_report" / "report.md").read_text()
+    assert f"{after[-1].limit:.6g}" in md
+
+
+def test_second_search_on_a_history_in_use_is_refused(tiny_llama, tmp_path):
+    space = tiny_space(tmp_path / "space.json")
+    hist = tmp_path / "h.csv"
+    args = base_args(tiny_llama, space, hist, "--num_trials", "40", "--initial_samples", "none")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bo_search.acc_modelsize", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (tmp_path / "h.csv.lock").exists():
+            time.sleep(0.2)
+        r = run_cli(args)
+        assert r.returncode == 2 and f"in use by another search (process {proc.pid}" in r.stderr, r.stderr[-2000:]
+        assert r.stderr.strip().count("\n") == 0
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _kill_group(proc.pid)
