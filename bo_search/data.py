@@ -19,7 +19,6 @@ all ``seq_len`` tokens of a window are scored.
 from __future__ import annotations
 
 import bz2
-import functools
 import hashlib
 import json
 import logging
@@ -162,10 +161,9 @@ def split_plain_text(raw: str) -> tuple[list[str], str]:
     return chunks, f"contiguous ranges of about {size} characters"
 
 
-@functools.lru_cache(maxsize=8)
 def file_corpus(path: str | os.PathLike[str]) -> Corpus:
     """A local text: ``.jsonl`` (one document per line, field ``text``, optional ``title``) or plain
-    text (documents by ``split_plain_text``). Prints the rule and the number of documents once."""
+    text (documents by ``split_plain_text``). Prints the rule and the number of documents."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"--eval_text file not found: {p}")

@@ -264,7 +264,7 @@ def test_partially_corrupt_history_renders_and_lists_skipped(synth, tiny_llama, 
     path, _ = synth
     broken = tmp_path / "broken.csv"
     lines = path.read_text().splitlines()
-    old = lines[2].replace("bo_search.history/1", "bo_search.history/0")
+    old = lines[2].replace("bo_search.history/2", "bo_search.history/0")
     broken.write_text("\n".join(lines[:2] + ["3,completed,bo,{not json", old] + lines[3:]) + "\n")
     code, out, err = run_main(capsys, broken, "--no_eval", "--checkpoint", tiny_llama, "--out", tmp_path / "r")
     assert code == 0, err
@@ -297,7 +297,7 @@ def test_bad_history_one_line_exit_2(tmp_path, capsys, content, message):
 def test_history_from_older_version_exit_2(synth, tmp_path, capsys):
     path, _ = synth
     old = tmp_path / "old.csv"
-    old.write_text(path.read_text().replace("bo_search.history/1", "bo_search.history/0"))
+    old.write_text(path.read_text().replace("bo_search.history/2", "bo_search.history/0"))
     code, _out, err = run_main(capsys, old, "--no_eval")
     assert code == 2 and "no readable trial" in err and "unsupported version" in err
     assert err.strip().count("\n") == 0
@@ -342,7 +342,6 @@ def test_report_on_real_search(tiny_llama, tmp_path):
     r = run_cli(base_args(tiny_llama, space, hist, "--num_trials", "6"))
     assert r.returncode == 0, r.stderr[-3000:]
     flags = [
-        "--evaluate",
         "--checkpoint",
         str(tiny_llama),
         "--eval_text",
@@ -355,7 +354,10 @@ def test_report_on_real_search(tiny_llama, tmp_path):
         "64",
     ]
     rep = subprocess.run(
-        [sys.executable, "-m", "bo_search.report", str(hist), *flags, "--save_checkpoint"], capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "bo_search.report", str(hist), *flags, "--evaluate", "--save_checkpoint"],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert rep.returncode == 0, rep.stderr[-3000:]
     out = tmp_path / "h_report"
@@ -380,6 +382,8 @@ def test_report_on_real_search(tiny_llama, tmp_path):
     assert r3.returncode == 0, r3.stderr[-2000:]
     assert float(r3.stdout.strip().splitlines()[-1].split("|")[4]) == pytest.approx(best.cal_PPL, rel=1e-3)
     # a second report is served from the cache
-    rep2 = subprocess.run([sys.executable, "-m", "bo_search.report", str(hist), *flags], capture_output=True, text=True, timeout=600)
+    rep2 = subprocess.run(
+        [sys.executable, "-m", "bo_search.report", str(hist), *flags, "--evaluate"], capture_output=True, text=True, timeout=600
+    )
     assert rep2.returncode == 0, rep2.stderr[-3000:]
     assert "0 new measurement(s)" in (out / "report.md").read_text()

@@ -18,9 +18,7 @@ def _sentences(n):
 
 
 def _check(path, rule_word, n_docs=None):
-    file_corpus.cache_clear()
     c = file_corpus(str(path))
-    file_corpus.cache_clear()
     again = file_corpus(str(path))
     assert [d.text for d in c.documents] == [d.text for d in again.documents]  # fixed for the same file
     assert [d.split for d in c.documents] == [d.split for d in again.documents]
@@ -72,7 +70,6 @@ def test_rules_in_order():
 def test_too_short_text_says_how_many_tokens(tmp_path, tiny_ctx):
     p = tmp_path / "short.txt"
     p.write_text("just a few words here and there")
-    file_corpus.cache_clear()
     with pytest.raises(UserError, match=r"needs at least about \d+ tokens") as err:
         split_windows(tiny_ctx.tok, file_corpus(str(p)), "search", 64, 64)
     assert "\n" not in str(err.value)
