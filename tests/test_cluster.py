@@ -29,8 +29,12 @@ def _can_unshare() -> bool:
     return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
 
 
-@pytest.mark.skipif(not _can_unshare(), reason="needs unshare -n (root) and ip to isolate the cluster's network")
 def test_two_node_cluster_with_ray_address(tiny_llama, tmp_path):
+    if not _can_unshare():
+        msg = "needs unshare -n (root) and ip (iproute2) to isolate the cluster's network"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg + "; CI must provide them (apt-get install -y util-linux iproute2, run as root)")
+        pytest.skip(msg)
     ray_cli = str(Path(sys.executable).parent / "ray")
     # token auth off: this throwaway cluster lives in a namespace nothing else can reach
     env = {**os.environ, **loopback_env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "disabled"}

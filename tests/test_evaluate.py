@@ -45,11 +45,23 @@ def test_lm_eval_path_agrees_on_real_model(real_ctx):
 
 
 def test_lm_eval_local_task_and_unknown_task(tiny_ctx):
-    from bo_search.evaluate import lm_eval_tasks
+    import math
+    import re
+
+    from bo_search.evaluate import lm_eval_tasks, perplexity, windows_as_documents
     from bo_search.types import UserError
 
-    res = lm_eval_tasks(tiny_ctx.model, tiny_ctx.tok, ["bo_search_text"], tiny_ctx.search_windows)
-    assert res["bo_search_text"]["word_perplexity"] > 1
+    res = lm_eval_tasks(tiny_ctx.model, tiny_ctx.tok, ["bo_search_text"], tiny_ctx.search_windows)["bo_search_text"]
+    docs = windows_as_documents(tiny_ctx.tok, tiny_ctx.search_windows)
+    n_words = sum(len(re.split(r"\s+", d)) for d in docs)  # lm_eval's wikitext word count
+    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    # closed form: all three metrics are one total NLL divided by words or bytes
+    total = math.log(res["word_perplexity"]) * n_words
+    assert math.log(res["byte_perplexity"]) * n_bytes == pytest.approx(total, rel=1e-6)
+    assert res["bits_per_byte"] == pytest.approx(total / n_bytes / math.log(2), rel=1e-6)
+    # and that total is the fast path's NLL over the same windows (lm_eval re-tokenises the text)
+    fast = perplexity(tiny_ctx.model, tiny_ctx.search_windows)
+    assert total == pytest.approx(fast.nll * tiny_ctx.search_windows.n_tokens, rel=0.02)
     with pytest.raises(UserError, match="unknown lm_eval task 'bo_search_txt'; did you mean bo_search_text"):
         lm_eval_tasks(tiny_ctx.model, tiny_ctx.tok, ["bo_search_txt"], tiny_ctx.search_windows)
 

@@ -47,9 +47,23 @@ def test_real_kernels_cpu_equal_fake_quant_and_restore(tiny_ctx):
 
 def test_decode_timing_path(tiny_ctx):
     prompt = tiny_ctx.search_windows.ids[:1, :17]
-    assert decode_once(tiny_ctx.model, prompt, 4) > 0
-    tp = measure_decode(tiny_ctx.model, prompt, new_tokens=8, repeats=3)
-    assert tp.tokens_per_s > 0 and tp.sem >= 0 and tp.kind == "measured"
+    import time
+
+    calls = []
+    handle = tiny_ctx.model.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        assert decode_once(tiny_ctx.model, prompt, 4) > 0
+        assert calls == [17, 1, 1, 1, 1]  # one prefill, then exactly one 1-token step per decoded token
+        calls.clear()
+        t0 = time.perf_counter()
+        tp = measure_decode(tiny_ctx.model, prompt, new_tokens=8, repeats=3, warmup=1)
+        wall = time.perf_counter() - t0
+    finally:
+        handle.remove()
+    assert calls == [17] + [1] * 8 + ([17] + [1] * 8) * 3  # warm-up (min(8, 8) steps), then 3 timed runs
+    assert tp.kind == "measured" and tp.repeats == 3 and tp.sem >= 0
+    # the median of 3 rates: at least 2 timed runs took 8 / median seconds or longer, all inside the wall time
+    assert tp.tokens_per_s > 0 and 2 * 8 / tp.tokens_per_s <= wall
 
 
 def test_kernel_availability():
