@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import queue
+import signal
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -276,6 +277,7 @@ class Search:
         #: CSV trial index = Ax index + offset, so resumed searches never reuse an index of the history
         self.index_offset = 0
         self._lock = threading.Lock()
+        self._interrupted = False  # set by the SIGINT handler while run() is active
 
     # ---- proposal thread -------------------------------------------------------------------
     def _proposal_loop(self) -> None:
@@ -368,9 +370,20 @@ class Search:
         self._stop.set()
 
     # ---- main thread -------------------------------------------------------------------------
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        # Remembered as well as raised: a KeyboardInterrupt raised while Ray's own code runs (its
+        # wait/get) can be swallowed there, and the main loop then raises it at its next turn.
+        self._interrupted = True
+        raise KeyboardInterrupt
+
     def run(self) -> SearchStats:
         thread = threading.Thread(target=self._proposal_loop, name="ax-proposals", daemon=True)
         thread.start()
+        self._interrupted = False
+        old_handler = None
+        if threading.current_thread() is threading.main_thread():
+            # installed after the workers started, so it is ours even if Ray set its own at init
+            old_handler = signal.signal(signal.SIGINT, self._on_sigint)
         try:
             self._main_loop()
         except KeyboardInterrupt:
@@ -383,6 +396,9 @@ class Search:
                 self._record(prop, "abandoned", reason="interrupted (Ctrl-C)")
                 self.stats.abandoned += 1
             raise
+        finally:
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
         self._stop.set()
         thread.join(timeout=600)
         self._drain_results()
@@ -392,6 +408,8 @@ class Search:
 
     def _main_loop(self) -> None:
         while True:
+            if self._interrupted:
+                raise KeyboardInterrupt
             if self._error is not None:
                 return
             # dispatch

@@ -682,7 +682,7 @@ def plot_tradeoff(an: Analysis, ev: Evaluation | None, path: Path) -> Path:
         marker, color, label = _style(src)
         ax.scatter(
             [xval(r) for r in group], [float(r.cal_PPL or 0.0) for r in group], marker=marker, s=46 if src == "seed" else 34,
-            c=color, edgecolors="black" if src == "seed" else "none", linewidths=0.6, alpha=0.9, zorder=3,
+            c=color, edgecolors="black" if src == "seed" else None, linewidths=0.6, alpha=0.9, zorder=3,
             label=f"{label} ({len(group)})",
         )  # fmt: skip
 
@@ -862,7 +862,7 @@ def plot_progress(an: Analysis, ev: Evaluation | None, path: Path) -> Path:
             marker, color, label = _style(src)
             idx = [i for i, r in enumerate(evaluated) if r.source == src]
             ax.scatter([evaluated[i].trial_index for i in idx], [value[i] for i in idx], marker=marker, c=color, s=30, alpha=0.75,
-                       edgecolors="black" if src == "seed" else "none", linewidths=0.5, label=f"{label} ({len(idx)})", zorder=3)  # fmt: skip
+                       edgecolors="black" if src == "seed" else None, linewidths=0.5, label=f"{label} ({len(idx)})", zorder=3)  # fmt: skip
         best_x, best_y = [], []
         cur: float | None = None
         for r, v in zip(evaluated, value):

@@ -56,7 +56,7 @@ def main() -> None:
         for n_trials in (int(x) for x in args.trials.split(",")):
             r = random.Random(n_trials)
             picks = [problem.pick_of(random_feasible(sizes, limit, r)) for _ in range(n_trials)]
-            ys = [3.2 + 500 * problem.total(problem.prior, pk) + float(rng.normal(0, 0.02)) for pk in picks]  # type: ignore[arg-type]
+            ys = [3.2 + problem.total(problem.prior, pk) + float(rng.normal(0, 0.02)) for pk in picks]  # type: ignore[arg-type]
             times = []
             for _ in range(args.proposals):
                 t0 = time.perf_counter()
