@@ -88,7 +88,7 @@ def _main(args: argparse.Namespace) -> int:
         + (" (bytes read per token / measured memory bandwidth; not a timing)" if kind == "predicted" else " (real torchao kernels, timed)")
     )
     if kind == "measured":
-        choices = {lq for slot in setup.space.slots for lq in _slot_settings(slot, setup.space.symmetric)}
+        choices = {lq for slot in setup.space.slots for lq in _slot_settings(slot, setup.space)}
         device = "cuda" if args.device.startswith("cuda") else "cpu"
         slow = sorted({lq.label() for lq in choices if layers_without_kernel(QuantPlan({"x": lq}), device)})
         if slow:
@@ -118,10 +118,8 @@ def _main(args: argparse.Namespace) -> int:
     return runner.run_search(setup, goal, seeds, row_extra={"throughput_kind": kind})
 
 
-def _slot_settings(slot: Any, symmetric: bool) -> list[Any]:
-    from bo_search.types import LayerQuant
-
-    return [LayerQuant(b, g, symmetric) for b in slot.bits.values for g in slot.group_size.values]
+def _slot_settings(slot: Any, space: Any) -> list[Any]:
+    return [space.choice_setting(b, g) for b in slot.bits.values for g in slot.group_size.values]
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 
 from bo_search.quant import SizeModel
 from bo_search.space import SearchSpace
-from bo_search.types import FULL_PRECISION, LayerQuant
+from bo_search.types import FULL_PRECISION
 
 
 class SlotSizes:
@@ -29,7 +29,7 @@ class SlotSizes:
             table = {}
             for b in slot.bits.values:
                 for g in slot.group_size.values:
-                    table[(b, g)] = sum(size_model.layer_bits(infos[f], LayerQuant(b, g, space.symmetric)) for f in slot.fqns)
+                    table[(b, g)] = sum(size_model.layer_bits(infos[f], space.choice_setting(b, g)) for f in slot.fqns)
             self.tables.append(table)
         #: weights per planned layer (the strategy weighs slots by their share of the planned weights)
         self.numel = {f: infos[f].numel for s in space.slots for f in s.fqns}

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bo_search.types import LayerQuant, QuantPlan, UserError
+from bo_search.types import LayerQuant, QuantPlan, UserError, ggml_effective_type
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,11 @@ def torchao_document(
     mapping: dict[str, Any] = {}
     layers: dict[str, Any] = {}
     unquantized: list[str] = []
+    ggml_layers: list[str] = []
     for fqn, lq in plan.items():
+        if lq.ggml_type:
+            ggml_layers.append(fqn)
+            continue
         if not lq.is_quantized:
             unquantized.append(fqn)
             continue
@@ -118,6 +122,7 @@ def torchao_document(
         "apply": TORCHAO_APPLY.format(path="torchao_config.json"),
         "layers": layers,
         "unquantized": unquantized,
+        **({"ggml_layers_not_in_torchao": ggml_layers, "note": GGML_TORCHAO_NOTE} if ggml_layers else {}),
         "torchao": config_to_dict(FqnToConfig(fqn_to_config=mapping)),
     }
 
@@ -242,6 +247,9 @@ def nearest_ggml_type(lq: LayerQuant, in_features: int | None) -> tuple[str, str
     fits instead: q4_1/q5_1 for asymmetric codes (a float min per block of 32, like our zero point),
     q4_0/q5_0 for symmetric ones.
     """
+    if lq.ggml_type:  # searched in llama.cpp's own types: exact, with llama.cpp's row fallback
+        eff = ggml_effective_type(lq.ggml_type, in_features) if in_features is not None else lq.ggml_type
+        return eff.lower(), "" if eff == lq.ggml_type else f"rows of {in_features}: {lq.ggml_type} falls back to {eff}"
     if not lq.is_quantized:
         return "f16", "unquantized in the plan"
     bits = lq.bits
@@ -334,6 +342,11 @@ def llama_quantize_command(types: Sequence[GgufTensorType], src: str = "model-f1
     return " \\\n".join(lines)
 
 
+GGML_TORCHAO_NOTE = "these layers are in llama.cpp types, which torchao does not have: write the GGUF (report --gguf out.gguf)"
+GGUF_EXACT = (
+    "SEARCHED TYPES: the plan was searched in llama.cpp's own types, listed here exactly. llama-quantize rounds with "
+    "its own quantizer, so its file differs slightly from the one the search scored; for that file use report --gguf."
+)
 GGUF_DISCLAIMER = (
     "NEAREST MAPPING, NOT IDENTICAL NUMERICS: each layer gets the llama.cpp type closest to its bit width "
     "(llama.cpp blocks, scales and rounding differ from bo_search's group-wise affine codes); measure the "

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from bo_search.model import LinearInfo, ModelLayers
-from bo_search.types import FULL_PRECISION, PER_CHANNEL, LayerQuant, QuantPlan, UserError
+from bo_search.types import FULL_PRECISION, PER_CHANNEL, LayerQuant, QuantPlan, UserError, ggml_effective_type, ggml_row_bytes
 
 _DTYPE_BITS = {torch.float32: 32, torch.float16: 16, torch.bfloat16: 16, torch.float64: 64}
 _DTYPE_BY_NAME = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -64,6 +64,12 @@ def effective_group(in_features: int, group_size: int) -> int:
 
 
 def check_group(info: LinearInfo, lq: LayerQuant) -> None:
+    if lq.ggml_type:
+        try:
+            ggml_effective_type(lq.ggml_type, info.in_features)
+        except UserError as err:
+            raise UserError(f"layer {info.fqn}: {err}") from None
+        return
     if not lq.is_quantized:
         return
     g = effective_group(info.in_features, lq.group_size)
@@ -121,6 +127,10 @@ def quantize_codes(wg: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits
 
 def fake_quantize(w: torch.Tensor, lq: LayerQuant, scheme: QuantScheme = DEFAULT_SCHEME) -> torch.Tensor:
     """Quantize then dequantize a 2-D weight with one setting; returns a new tensor of w's dtype."""
+    if lq.ggml_type:
+        from bo_search import ggml
+
+        return ggml.fake_quantize(w, lq.ggml_type)
     if not lq.is_quantized:
         return w.clone()
     out_f, in_f = w.shape
@@ -259,7 +269,16 @@ class SizeModel:
     saved in), or ``fp_dtype`` when given.
     """
 
-    def __init__(self, model: Any, layers: ModelLayers, scheme: QuantScheme = DEFAULT_SCHEME, fp_dtype: str | None = None):
+    def __init__(
+        self,
+        model: Any,
+        layers: ModelLayers,
+        scheme: QuantScheme = DEFAULT_SCHEME,
+        fp_dtype: str | None = None,
+        stored_other_bits: int | None = None,
+    ):
+        """``stored_other_bits``: the tensors outside the plan as a file stores them (a GGUF export
+        copies them unchanged), instead of every float tensor at the storage dtype."""
         self.layers = layers
         self.scheme = scheme
         dtype = fp_dtype or _config_dtype_name(model)
@@ -288,10 +307,12 @@ class SizeModel:
                 buf = mod._buffers.get(name)
                 if buf is not None and id(buf) in seen:
                     nonpersistent += buf.numel() * (self.fp_bits if buf.is_floating_point() else buf.element_size() * 8)
-        self.other_bits = other - nonpersistent
+        self.other_bits = other - nonpersistent if stored_other_bits is None else stored_other_bits
         self._infos = layers.by_fqn()
 
     def layer_bits(self, info: LinearInfo, lq: LayerQuant) -> int:
+        if lq.ggml_type:  # the type's exact bytes per block, k-quant fallback applied
+            return 8 * info.out_features * ggml_row_bytes(lq.ggml_type, info.in_features)
         if not lq.is_quantized:
             return info.numel * self.fp_bits
         g = effective_group(info.in_features, lq.group_size)
@@ -472,6 +493,8 @@ def torchao_layer_config(lq: LayerQuant, in_features: int, device: str = "cpu", 
     ``Int8WeightOnlyConfig``. Everything else (and every choice on CPU) -> ``IntxWeightOnlyConfig``,
     which stores unpacked int8 codes and matches the fake-quant numerics.
     """
+    if lq.ggml_type:
+        raise UserError(f"{lq.ggml_type} is a llama.cpp type, not a torchao one: export a ggml plan as GGUF (report --gguf out.gguf)")
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig, MappingType
     from torchao.quantization.granularity import PerAxis, PerGroup
 
@@ -492,7 +515,7 @@ def torchao_layer_config(lq: LayerQuant, in_features: int, device: str = "cpu", 
 
 def has_fast_kernel(lq: LayerQuant, device: str) -> bool:
     """Whether a layer choice runs on a fast quantized kernel on ``device`` (CUDA tinygemm int4 / int8 weight-only)."""
-    if not device.startswith("cuda") or not lq.is_quantized:
+    if not device.startswith("cuda") or not lq.is_quantized or lq.ggml_type:
         return False
     if lq.bits == 4 and not lq.symmetric and lq.group_size in (32, 64, 128, 256):
         return True
@@ -534,7 +557,7 @@ def space_size_bounds(space: Any, size_model: SizeModel) -> tuple[float, float]:
             lo += size_model.layer_bits(li, FULL_PRECISION)
             hi += size_model.layer_bits(li, FULL_PRECISION)
     for slot, choices in zip(space.slots, slot_choices(space)):
-        costs = [sum(size_model.layer_bits(infos[f], LayerQuant(b, g, space.symmetric)) for f in slot.fqns) for b, g in choices]
+        costs = [sum(size_model.layer_bits(infos[f], space.choice_setting(b, g)) for f in slot.fqns) for b, g in choices]
         lo += min(costs)
         hi += max(costs)
     return lo / 8 / 1e9, hi / 8 / 1e9

@@ -75,6 +75,8 @@ class ReportOptions:
     baselines: tuple[str, ...] | None = None  # uniform specs ("fp", "4:64", ...); None = derived from the space
     save_checkpoint: bool = False
     torchao_device: str = "cpu"
+    gguf: Path | None = None  # write the exported trial as this GGUF (a ggml plan on a GGUF checkpoint)
+    force: bool = False  # overwrite an existing --gguf file
 
     def __post_init__(self) -> None:
         if self.size_limit is not None and not self.size_limit > 0:
@@ -955,9 +957,11 @@ def write_exports(
     write_json(tao_json, tao)
     types, notes = export.gguf_tensor_types(plan, layers, model_type)
     args_path = d / "llama_cpp_tensor_types.txt"
+    is_ggml = bool(plan) and all(lq.ggml_type for lq in plan.values())
+    disclaimer = export.GGUF_EXACT if is_ggml else export.GGUF_DISCLAIMER
     header = [
         f"# bo_search trial {row.trial_index} of {an.path.name}: llama-quantize --tensor-type arguments, one per tensor.",
-        f"# {export.GGUF_DISCLAIMER}",
+        f"# {disclaimer}",
     ]
     header += [f"# note: {n}" for n in notes]
     per_note = sorted({t.note for t in types if t.note})
@@ -966,7 +970,7 @@ def write_exports(
     script = d / "llama_quantize.sh"
     script.write_text(
         "#!/bin/sh\n"
-        f"# {export.GGUF_DISCLAIMER}\n"
+        f"# {disclaimer}\n"
         "# usage: sh llama_quantize.sh MODEL-F16.gguf OUT.gguf   (llama.cpp's llama-quantize on PATH)\n"
         + export.llama_quantize_command(types, src='"${1:?input f16/f32 GGUF}"', dst='"${2:?output GGUF}"')
         + "\n",
@@ -1343,6 +1347,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the exported trial as a packed checkpoint (loads with bo_search.export.load_quantized)",
     )
     p.add_argument(
+        "--gguf",
+        default=None,
+        metavar="OUT.gguf",
+        help="write the exported trial as a GGUF file llama.cpp and transformers load: a plan searched in llama.cpp types "
+        "(a ggml space) on a GGUF checkpoint; metadata and tokenizer are copied from the checkpoint",
+    )
+    p.add_argument("--force", action="store_true", help="let --gguf overwrite an existing file")
+    p.add_argument(
         "--torchao_device",
         default="cpu",
         choices=["cpu", "cuda"],
@@ -1392,10 +1404,14 @@ def _main(args: argparse.Namespace) -> int:
         baselines=tuple(args.baselines) if args.baselines else None,
         save_checkpoint=args.save_checkpoint,
         torchao_device=args.torchao_device,
+        gguf=Path(args.gguf).expanduser() if args.gguf else None,
+        force=args.force,
     )
     loaded = load_history(history)
     an = analyse(loaded, history, opts)
-    choose_export_row(an, opts.trial)  # a bad --trial fails before any model is loaded
+    export_row = choose_export_row(an, opts.trial)  # a bad --trial fails before any model is loaded
+    if opts.gguf is not None:
+        _check_gguf_request(opts, export_row, args.checkpoint)
     for line, why in an.skipped:
         print(f"warning: {history.name} line {line} skipped ({why})", file=sys.stderr)
     ctx = None
@@ -1432,7 +1448,42 @@ def _main(args: argparse.Namespace) -> int:
     print(f"wrote {res.markdown}, {res.tradeoff_png.name}, {res.progress_png.name}")
     if res.export is not None:
         print(f"exported trial {res.export.trial} to {res.export.directory}")
+    if opts.gguf is not None and export_row is not None:
+        _write_gguf(opts, export_row, args.checkpoint, args.include_lm_head, history)
     return 0
+
+
+def _check_gguf_request(opts: ReportOptions, row: HistoryRow | None, checkpoint: str | None) -> None:
+    """Everything --gguf needs, checked before any output is written."""
+    from bo_search.gguf_export import CONVERT_HINT, check_gguf_plan
+    from bo_search.model import resolve_checkpoint
+
+    assert opts.gguf is not None
+    if opts.gguf.exists() and not opts.force:
+        raise UserError(f"{opts.gguf} exists; pass --force to overwrite it, or choose another --gguf path")
+    if row is None:
+        raise UserError("--gguf: the history has no completed trial to export")
+    check_gguf_plan(row.plan)
+    ref = resolve_checkpoint(checkpoint)
+    if ref.gguf is None:
+        raise UserError(f"--gguf: the checkpoint {ref.name} is a Hugging Face directory; {CONVERT_HINT}")
+
+
+def _write_gguf(opts: ReportOptions, row: HistoryRow, checkpoint: str | None, include_lm_head: bool, history: Path) -> None:
+    from bo_search.gguf_export import export_gguf
+    from bo_search.model import discover_layers, load_structure
+
+    assert opts.gguf is not None
+    model, ref = load_structure(checkpoint)
+    layers = discover_layers(model, include_lm_head=include_lm_head)
+    info = {"trial_index": row.trial_index, "history": history.name, "cal_PPL": row.cal_PPL, "model_size_gb": row.model_size}
+    res = export_gguf(ref.gguf, row.plan, layers, opts.gguf, force=opts.force, info=info)
+    predicted = (row.model_size or 0.0) * 1e9 + res.metadata_bytes
+    print(
+        f"wrote {res.path}: {res.file_bytes:,} bytes (tensors {res.tensor_bytes:,}, the searched size {(row.model_size or 0) * 1e9:,.0f}; "
+        f"with the source's {res.metadata_bytes:,} bytes of metadata predicted {predicted:,.0f}, "
+        f"{100 * (res.file_bytes / predicted - 1):+.3f}%); types {res.types}"
+    )
 
 
 if __name__ == "__main__":

@@ -173,8 +173,27 @@ def prepare(args: argparse.Namespace, search: str, take_lock: bool = True) -> Se
     model, ref = load_structure(args.checkpoint)
     layers = discover_layers(model, include_lm_head=args.include_lm_head)
     space = resolve_space(args.parameters_list, layers, ref)
+    in_space = {f for slot in space.slots for f in slot.fqns}
+    outside = [li.fqn for li in layers.linears if li.block < 0 and li.fqn not in in_space]
+    if outside:
+        raise UserError(
+            f"--include_lm_head: the parameter space has no setting for {outside[0]} (a search chooses settings per decoder block), "
+            "so it would stay unquantized and only be untied; leave out --include_lm_head"
+        )
     scheme = QuantScheme(scale_dtype=args.scale_dtype, zero_bits=args.zero_bits, mse_clip=args.mse_clip)
-    size_model = SizeModel(model, layers, scheme, args.fp_dtype or ref.storage_dtype)
+    from bo_search.gguf_export import ggml_other_bits
+
+    if space.is_ggml:
+        import dataclasses
+
+        eval_cfg = dataclasses.replace(eval_cfg, ggml_sizes=True)
+    size_model = SizeModel(
+        model,
+        layers,
+        scheme,
+        args.fp_dtype or ref.storage_dtype,
+        stored_other_bits=ggml_other_bits(space.is_ggml, ref, layers),
+    )
     lo, hi = space_size_bounds(space, size_model)
     fp = size_model.report(QuantPlan()).gb
     history_path = Path(args.history_output).expanduser()

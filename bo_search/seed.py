@@ -84,9 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     from bo_search.acc_modelsize import size_limit
     from bo_search.seeding import ACT_BITS, SOLVERS, allocate, dedupe, get_solver
-    from bo_search.sensitivity import METHODS, Sensitivity, cached_sensitivity, did_you_mean, structure_setup
+    from bo_search.sensitivity import METHODS, Sensitivity, cached_sensitivity, structure_setup
     from bo_search.space import write_initial_samples
     from bo_search.trial import EvalConfig
+    from bo_search.types import did_you_mean
 
     solvers = list(SOLVERS) if args.solver == "both" else [args.solver]
     for s in solvers:

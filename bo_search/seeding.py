@@ -12,7 +12,7 @@ from typing import Any
 
 from bo_search.quant import SizeModel
 from bo_search.space import SearchSpace
-from bo_search.types import UserError
+from bo_search.types import UserError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def build_knapsack(space: SearchSpace, size_model: SizeModel, sens: Any, metric:
     - ``bitops``: bit operations per token, numel x weight bits x ``ACT_BITS`` summed over the slot's
       linears (one multiply-accumulate per weight per token; group size does not change it). The
       linears outside the space count at full precision in ``base_bits``; embeddings do no MACs."""
-    from bo_search.types import FULL_PRECISION, FULL_PRECISION_BITS, LayerQuant
+    from bo_search.types import FULL_PRECISION, FULL_PRECISION_BITS
 
     if metric not in BUDGET_METRICS:
         raise UserError(f"unknown budget metric {metric!r}; use one of {', '.join(BUDGET_METRICS)}")
@@ -153,7 +153,7 @@ def build_knapsack(space: SearchSpace, size_model: SizeModel, sens: Any, metric:
         ch = tuple((b, g) for b in slot.bits.values for g in slot.group_size.values)
         labels.append(f"block {slot.block}" + (f" {slot.group}" if slot.group else ""))
         choices.append(ch)
-        sizes.append(tuple(sum(cost_bits(f, LayerQuant(b, g, space.symmetric)) for f in slot.fqns) for b, g in ch))
+        sizes.append(tuple(sum(cost_bits(f, space.choice_setting(b, g)) for f in slot.fqns) for b, g in ch))
         costs.append(tuple(table[c] for c in ch))
     return Knapsack(tuple(labels), tuple(choices), tuple(sizes), tuple(costs), int(base))
 
@@ -280,10 +280,7 @@ SOLVERS = {"exact": exact, "greedy": greedy}
 
 def get_solver(name: str) -> Any:
     if name not in SOLVERS:
-        import difflib
-
-        hint = difflib.get_close_matches(name, list(SOLVERS), n=1)
-        raise UserError(f"unknown solver {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else f"; use one of {', '.join(SOLVERS)}"))
+        raise did_you_mean(name, SOLVERS, "solver")
     return SOLVERS[name]
 
 

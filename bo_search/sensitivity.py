@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import hashlib
 import json
 import logging
@@ -53,7 +52,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bo_search.types import PER_CHANNEL, LayerQuant, QuantPlan, UserError
+from bo_search.types import PER_CHANNEL, LayerQuant, QuantPlan, UserError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +70,6 @@ DEFAULT_NSAMPLES = {"fit": 8, "hessian": 8, "measured": 1}
 def choice_key(lq: LayerQuant) -> str:
     """The cost-table key of a setting: ``"bits:group"`` (``":sym"`` appended for symmetric codes)."""
     return f"{lq.bits}:{lq.group_size}" + (":sym" if lq.symmetric else "")
-
-
-def did_you_mean(name: str, known: Sequence[str], what: str) -> UserError:
-    hint = difflib.get_close_matches(name, list(known), n=1)
-    return UserError(f"unknown {what} {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else f"; use one of {', '.join(known)}"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +250,7 @@ class Sensitivity:
             costs: dict[tuple[int, int], float] = {}
             for b in slot.bits.values:
                 for g in slot.group_size.values:
-                    lq = LayerQuant(b, g, space.symmetric)
+                    lq = space.choice_setting(b, g)
                     if not lq.is_quantized:
                         costs[(b, g)] = 0.0
                         continue
@@ -633,7 +627,7 @@ def layer_choices(space: Any) -> dict[str, tuple[LayerQuant, ...]]:
     """Every setting the space allows for each layer FQN."""
     out: dict[str, tuple[LayerQuant, ...]] = {}
     for slot in space.slots:
-        lqs = tuple(LayerQuant(b, g, space.symmetric) for b in slot.bits.values for g in slot.group_size.values)
+        lqs = tuple(space.choice_setting(b, g) for b in slot.bits.values for g in slot.group_size.values)
         for f in slot.fqns:
             out[f] = tuple(dict.fromkeys(out.get(f, ()) + lqs))
     return out

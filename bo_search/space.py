@@ -37,10 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from bo_search.model import ModelLayers
-from bo_search.types import PER_CHANNEL, LayerQuant, QuantPlan, UserError
+from bo_search.types import GGML_TYPE_NAMES, PER_CHANNEL, LayerQuant, QuantPlan, UserError, ggml_check_type, ggml_effective_type
 
 BITS_NAMES = ("bitwidth", "bits")
 GROUP_NAMES = ("groupsize", "group_size")
+GGML_NAMES = ("ggml_type",)
+SCHEMES = ("affine", "ggml")
 
 
 @dataclass(frozen=True)
@@ -72,10 +74,28 @@ class Slot:
 
 @dataclass(frozen=True)
 class SearchSpace:
+    """``scheme`` "affine": a slot's setting is (bits, group size). "ggml": it is a llama.cpp tensor
+    type; the slot's ``bits`` parameter then holds the type's index in ``GGML_TYPE_NAMES`` (ordered
+    by bits per weight, so "one notch up" means more bytes) and its group size is fixed."""
+
     slots: tuple[Slot, ...]
     symmetric: bool
     source: str
     spec: Mapping[str, Any]
+    scheme: str = "affine"
+
+    @property
+    def is_ggml(self) -> bool:
+        return self.scheme == "ggml"
+
+    def choice_setting(self, bits: int, group_size: int) -> LayerQuant:
+        """The setting of one (bits, group size) choice of a slot (a type index in a ggml space)."""
+        if self.is_ggml:
+            return LayerQuant.of_ggml(GGML_TYPE_NAMES[bits])
+        return LayerQuant(bits, group_size, self.symmetric)
+
+    def value_label(self, p: SpaceParam, v: int) -> str:
+        return GGML_TYPE_NAMES[v] if self.is_ggml and p.kind == "bits" else str(v)
 
     @property
     def params(self) -> dict[str, SpaceParam]:
@@ -93,13 +113,17 @@ class SearchSpace:
     def fingerprint(self) -> str:
         import hashlib
 
-        blob = json.dumps([(s.block, s.group, s.fqns, s.bits.values, s.group_size.values) for s in self.slots] + [self.symmetric])
+        blob = json.dumps(
+            [(s.block, s.group, s.fqns, s.bits.values, s.group_size.values) for s in self.slots]
+            + [self.symmetric]
+            + ([self.scheme] if self.is_ggml else [])
+        )
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
     def setting(self, slot: Slot, values: Mapping[str, int]) -> LayerQuant:
         bits = int(values[slot.bits.name]) if slot.bits.name in values else slot.bits.values[0]
         gs = int(values[slot.group_size.name]) if slot.group_size.name in values else slot.group_size.values[0]
-        return LayerQuant(bits, gs, self.symmetric)
+        return self.choice_setting(bits, gs)
 
     def decode(self, values: Mapping[str, Any]) -> QuantPlan:
         """Parameter dict (tunable names required, fixed names optional) -> plan."""
@@ -143,12 +167,21 @@ class SearchSpace:
                     f"plan gives different settings to the linears of block {slot.block}{' group ' + slot.group if slot.group else ''}, which the space ties together"
                 )
             lq = settings.pop()
-            for p, v in ((slot.bits, lq.bits), (slot.group_size, lq.group_size)):
+            if self.is_ggml != bool(lq.ggml_type):
+                raise UserError(
+                    f"plan gives {lq.label()} to block {slot.block}, but the space {self.source} takes "
+                    + ("ggml types" if self.is_ggml else "bits and group sizes")
+                )
+            bits_value = GGML_TYPE_NAMES.index(lq.ggml_type) if self.is_ggml else lq.bits
+            for p, v in ((slot.bits, bits_value), (slot.group_size, lq.group_size)):
                 if v not in p.values:
-                    if p.kind == "group_size" and not lq.is_quantized:
+                    if p.kind == "group_size" and (not lq.is_quantized or self.is_ggml):
                         v = p.values[0]
                     else:
-                        raise UserError(f"plan value {v} for {p.name!r} is outside the space's choices {list(p.values)}")
+                        raise UserError(
+                            f"plan value {self.value_label(p, v)} for {p.name!r} is outside the space's choices "
+                            f"{[self.value_label(p, x) for x in p.values]}"
+                        )
                 if p.is_tunable:
                     out[p.name] = v
         return out
@@ -250,15 +283,26 @@ def build_space(spec: Mapping[str, Any], layers: ModelLayers, source: str = "<sp
     symmetric = spec.get("symmetric", False)
     if not isinstance(symmetric, bool):
         raise _err(source, f'"symmetric" must be true or false, got {symmetric!r}')
+    scheme = spec.get("scheme", "affine")
+    if scheme not in SCHEMES:
+        raise _err(source, f'"scheme" must be one of {list(SCHEMES)}, got {scheme!r}')
+    ggml = scheme == "ggml"
     groups = _groups(spec, layers, source)
     by_kind: dict[str, dict[tuple[int, str], SpaceParam]] = {}
     for pi, pspec in enumerate(spec["parameters"]):
         if not isinstance(pspec, dict):
             raise _err(source, f"parameters[{pi}] must be an object")
         pname = pspec.get("name")
-        kind = "bits" if pname in BITS_NAMES else "group_size" if pname in GROUP_NAMES else None
-        if kind is None:
-            raise _err(source, f'parameters[{pi}] has name {pname!r}; use "bitwidth" or "groupsize"')
+        if ggml:
+            kind = "bits" if pname in GGML_NAMES else None
+            if kind is None:
+                raise _err(source, f'parameters[{pi}] has name {pname!r}; a ggml space has one parameter, "ggml_type"')
+        else:
+            kind = "bits" if pname in BITS_NAMES else "group_size" if pname in GROUP_NAMES else None
+            if kind is None:
+                raise _err(
+                    source, f'parameters[{pi}] has name {pname!r}; use "bitwidth" or "groupsize" (or "scheme": "ggml" and "ggml_type")'
+                )
         if kind in by_kind:
             raise _err(source, f"parameter {pname!r} is defined twice")
         fmt = pspec.get("name_format", f"{pname}.{{i}}." if spec.get("granularity", "block") == "block" else f"{pname}.{{i}}.{{group}}")
@@ -301,7 +345,16 @@ def build_space(spec: Mapping[str, Any], layers: ModelLayers, source: str = "<sp
                 values = tuple(vals)
             else:
                 raise _err(source, f'{where}: type must be "fixed" or "choice", got {etype!r}')
+            if ggml:  # type names -> their index, checked against every row they would quantize
+                try:
+                    values = tuple(GGML_TYPE_NAMES.index(ggml_check_type(v)) for v in values)
+                except UserError as err:
+                    raise _err(source, f"{where}: {err}") from None
+                if len(set(values)) != len(values):
+                    raise _err(source, f"{where}: values repeat a type")
             for v in values:
+                if ggml:
+                    continue
                 if isinstance(v, bool) or not isinstance(v, int):
                     raise _err(source, f"{where}: value {v!r} is not an integer")
                 try:
@@ -346,13 +399,25 @@ def build_space(spec: Mapping[str, Any], layers: ModelLayers, source: str = "<sp
         if len(set(names)) != len(names):
             raise _err(source, f"parameter {pname!r}: name_format {fmt!r} gives the same name to two slots")
         by_kind[kind] = assigned
+    if ggml and "bits" in by_kind:  # the block size is the type's: a fixed group parameter per slot
+        by_kind["group_size"] = {
+            key: SpaceParam("ggml_block:" + p.name, "group_size", p.block, p.group, (PER_CHANNEL,), True)
+            for key, p in by_kind["bits"].items()
+        }
     if set(by_kind) != {"bits", "group_size"}:
-        raise _err(source, 'needs both a "bitwidth" and a "groupsize" parameter')
+        raise _err(source, 'needs a "ggml_type" parameter' if ggml else 'needs both a "bitwidth" and a "groupsize" parameter')
     infos = layers.by_fqn()
     slots = []
     for b in range(layers.n_blocks):
         for gname, fqns in groups[b].items():
             bp, gp = by_kind["bits"][(b, gname)], by_kind["group_size"][(b, gname)]
+            if ggml:
+                for code in bp.values:
+                    for fqn in fqns:
+                        try:
+                            ggml_effective_type(GGML_TYPE_NAMES[code], infos[fqn].in_features)
+                        except UserError as err:
+                            raise _err(source, f"{bp.name} on {fqn}: {err}") from None
             for gsize in gp.values:
                 for fqn in fqns:
                     inf = infos[fqn].in_features
@@ -365,7 +430,7 @@ def build_space(spec: Mapping[str, Any], layers: ModelLayers, source: str = "<sp
     all_names = [n for s in slots for n in (s.bits.name, s.group_size.name)]
     if len(set(all_names)) != len(all_names):
         raise _err(source, "bitwidth and groupsize name formats produce the same names")
-    return SearchSpace(tuple(slots), symmetric, source, spec)
+    return SearchSpace(tuple(slots), symmetric, source, spec, scheme)
 
 
 def _order(v: int) -> float:

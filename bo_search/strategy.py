@@ -38,7 +38,6 @@ Imports neither torch nor ray.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import logging
 import math
@@ -49,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from bo_search.types import UserError
+from bo_search.types import UserError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +58,7 @@ DRAW_TIME_LIMIT = 0.6  # seconds of milp per Thompson draw (measured: 0.1-1.7 s 
 
 def check_strategy(name: str) -> str:
     if name not in STRATEGIES:
-        hint = difflib.get_close_matches(name, STRATEGIES, n=1)
-        raise UserError(
-            f"unknown --strategy {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else f"; use one of {', '.join(STRATEGIES)}")
-        )
+        raise did_you_mean(name, STRATEGIES, "--strategy")
     return name
 
 

@@ -25,7 +25,7 @@ import torch
 
 from bo_search.model import ModelLayers, cache_dir
 from bo_search.quant import SizeModel, has_fast_kernel, torchao_fqn_config
-from bo_search.types import QuantPlan, UserError
+from bo_search.types import QuantPlan, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +151,5 @@ class BytesModel:
 
 def check_throughput_model(name: str) -> str:
     if name not in THROUGHPUT_MODELS:
-        import difflib
-
-        hint = difflib.get_close_matches(name, THROUGHPUT_MODELS, n=1)
-        raise UserError(
-            f"unknown --throughput_model {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else f"; use one of {THROUGHPUT_MODELS}")
-        )
+        raise did_you_mean(name, THROUGHPUT_MODELS, "--throughput_model")
     return name

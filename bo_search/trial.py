@@ -42,6 +42,8 @@ class EvalConfig:
     prompt_tokens: int = 64
     decode_repeats: int = 5
     compile: bool = False
+    #: the space is in llama.cpp types: size tensors outside the plan as the GGUF source stores them
+    ggml_sizes: bool = False
 
     def __post_init__(self) -> None:
         if self.eval_tokens <= 0:
@@ -84,7 +86,15 @@ class ModelContext:
         self.layers = discover_layers(self.model, include_lm_head=cfg.include_lm_head)
         self.scheme = QuantScheme(scale_dtype=cfg.scale_dtype, zero_bits=cfg.zero_bits, mse_clip=cfg.mse_clip)
         self.applier = PlanApplier(self.model, self.layers, self.scheme, keep_on="cpu" if cfg.device.startswith("cuda") else None)
-        self.size_model = SizeModel(self.model, self.layers, self.scheme, cfg.fp_dtype or self.ref.storage_dtype)
+        from bo_search.gguf_export import ggml_other_bits
+
+        self.size_model = SizeModel(
+            self.model,
+            self.layers,
+            self.scheme,
+            cfg.fp_dtype or self.ref.storage_dtype,
+            stored_other_bits=ggml_other_bits(cfg.ggml_sizes, self.ref, self.layers),
+        )
         self.corpus = load_corpus(cfg.eval_text)
         self.search_windows = split_windows(self.tok, self.corpus, "search", cfg.eval_tokens, cfg.max_seqlen)
         self.heldout_windows = (

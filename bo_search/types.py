@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from collections.abc import Iterator, Mapping
@@ -19,6 +20,78 @@ class UserError(Exception):
     """A mistake in user input. The CLI prints it as one line and exits with status 2."""
 
 
+def did_you_mean(name: str, known: Any, what: str) -> UserError:
+    """The error for an unknown registry name: the closest known one, else the whole list."""
+    known = list(known)
+    hint = difflib.get_close_matches(str(name), known, n=1)
+    return UserError(f"unknown {what} {name!r}" + (f"; did you mean {hint[0]!r}?" if hint else f"; use one of {', '.join(known)}"))
+
+
+@dataclass(frozen=True)
+class GgmlType:
+    """A llama.cpp tensor type: block layout and bytes as in ggml-common.h (``gguf.GGML_QUANT_SIZES``)."""
+
+    name: str  # llama.cpp's name, e.g. "Q4_K"
+    block: int  # weights per block
+    type_size: int  # bytes per block
+    bits: int  # nominal code bits (labels and ordering only; sizes use type_size)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.type_size / self.block
+
+
+#: the ggml types a ggml-scheme space may use, ordered by bits per weight (the order Ax sees)
+GGML_TYPES: dict[str, GgmlType] = {
+    t.name: t
+    for t in (
+        GgmlType("Q2_K", 256, 84, 2),
+        GgmlType("Q3_K", 256, 110, 3),
+        GgmlType("Q4_0", 32, 18, 4),
+        GgmlType("Q4_K", 256, 144, 4),
+        GgmlType("Q4_1", 32, 20, 4),
+        GgmlType("Q5_0", 32, 22, 5),
+        GgmlType("Q5_K", 256, 176, 5),
+        GgmlType("Q5_1", 32, 24, 5),
+        GgmlType("Q6_K", 256, 210, 6),
+        GgmlType("Q8_0", 32, 34, 8),
+        GgmlType("F16", 1, 2, 16),
+    )
+}
+GGML_TYPE_NAMES = tuple(GGML_TYPES)
+#: what a k-quant becomes on rows whose length is not a multiple of 256 (see ``bo_search.ggml``)
+GGML_FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def ggml_check_type(name: Any) -> str:
+    """The canonical name of a ggml type (case-insensitive), or a UserError with a did-you-mean."""
+    canon = str(name).upper()
+    if canon in GGML_TYPES:
+        return canon
+    near = difflib.get_close_matches(canon, GGML_TYPE_NAMES, n=1)
+    hint = f"; did you mean {near[0]}?" if near else ""
+    raise UserError(f"{name!r} is not a ggml tensor type this tool writes (one of {', '.join(GGML_TYPE_NAMES)}){hint}")
+
+
+def ggml_effective_type(name: str, in_features: int) -> str:
+    """The type written for rows of ``in_features`` weights (k-quant fallback applied); a row that
+    fits no block of the type is a UserError."""
+    name = ggml_check_type(name)
+    if in_features % GGML_TYPES[name].block:
+        fb = GGML_FALLBACK.get(name)
+        if fb is None or in_features % GGML_TYPES[fb].block:
+            raise UserError(
+                f"rows of {in_features} weights do not fit {name}'s blocks of {GGML_TYPES[name].block}; choose another type for this layer"
+            )
+        return fb
+    return name
+
+
+def ggml_row_bytes(name: str, in_features: int) -> int:
+    t = GGML_TYPES[ggml_effective_type(name, in_features)]
+    return in_features // t.block * t.type_size
+
+
 @dataclass(frozen=True, order=True)
 class LayerQuant:
     """Quantization setting of one linear layer's weight."""
@@ -26,8 +99,14 @@ class LayerQuant:
     bits: int
     group_size: int = PER_CHANNEL
     symmetric: bool = False
+    #: a llama.cpp tensor type (ggml scheme); then ``bits`` is its nominal width, ``group_size`` -1
+    ggml_type: str = ""
 
     def __post_init__(self) -> None:
+        if self.ggml_type:
+            canon = ggml_check_type(self.ggml_type)
+            if canon != self.ggml_type or self.bits != GGML_TYPES[canon].bits or self.group_size != PER_CHANNEL or self.symmetric:
+                raise UserError(f"a ggml setting is LayerQuant.of_ggml({canon!r}), got {self!r}")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
             raise UserError(f"bitwidth must be an integer, got {self.bits!r}")
         if self.bits not in VALID_BITS:
@@ -40,22 +119,35 @@ class LayerQuant:
                 f"in_features, or {PER_CHANNEL} for one group per output channel"
             )
 
+    @classmethod
+    def of_ggml(cls, name: str) -> LayerQuant:
+        canon = ggml_check_type(name)
+        return cls(GGML_TYPES[canon].bits, PER_CHANNEL, False, canon)
+
     @property
     def is_quantized(self) -> bool:
-        return self.bits != FULL_PRECISION_BITS
+        """False only for "leave as is"; a ggml F16 setting is a real conversion (rounds to float16)."""
+        return self.bits != FULL_PRECISION_BITS or bool(self.ggml_type)
 
     def label(self) -> str:
+        if self.ggml_type:
+            return self.ggml_type
         if not self.is_quantized:
             return "fp"
         g = "ch" if self.group_size == PER_CHANNEL else str(self.group_size)
         return f"{self.bits}b/g{g}{'/sym' if self.symmetric else ''}"
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.ggml_type:
+            del out["ggml_type"]  # affine plans keep the JSON they always had
+        return out
 
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> LayerQuant:
         try:
+            if obj.get("ggml_type"):
+                return cls.of_ggml(obj["ggml_type"])
             return cls(
                 bits=obj["bits"],
                 group_size=obj.get("group_size", PER_CHANNEL),

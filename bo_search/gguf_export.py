@@ -1,0 +1,170 @@
+"""Write a searched ggml plan as a real GGUF file, from the GGUF checkpoint the search ran on.
+
+Every metadata key and the tokenizer are copied from the source file; every tensor outside the plan
+(embeddings, norms) is copied byte for byte, with its type; every planned linear is written in its
+searched type, quantized from the source tensor's decoded weights with ``bo_search.ggml``. Those are
+the weights the search scored: rows are quantized independently, and the source tensor's rows are
+the model's rows in llama.cpp's order (its q/k row permutation moves whole rows), so each row's bytes
+are the same as those of the fake-quantized row the search evaluated. A reader that decodes the file
+(transformers, llama.cpp) gets exactly those weights.
+
+A Hugging Face directory has no GGUF to start from: convert it first with llama.cpp's
+``convert_hf_to_gguf.py DIR --outtype f16 --outfile model-f16.gguf`` and search with
+``--checkpoint model-f16.gguf``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bo_search.model import ModelLayers
+from bo_search.types import QuantPlan, UserError
+
+CONVERT_HINT = (
+    "convert it to GGUF first with llama.cpp: python convert_hf_to_gguf.py MODEL_DIR --outtype f16 --outfile model-f16.gguf, "
+    "then search with --checkpoint model-f16.gguf"
+)
+
+
+def _reader(path: str | Path) -> Any:
+    import gguf
+
+    return gguf.GGUFReader(str(path))
+
+
+def _field(reader: Any, key: str) -> Any:
+    f = reader.fields.get(key)
+    return None if f is None else f.contents()
+
+
+def linear_tensor_names(reader: Any, layers: ModelLayers) -> dict[str, str]:
+    """FQN of each planned linear -> its tensor name in the GGUF (gguf's own name map)."""
+    import gguf
+
+    arch_name = _field(reader, "general.architecture")
+    arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name), None)
+    if arch is None:
+        raise UserError(f"GGUF architecture {arch_name!r} is not known to the gguf package; cannot map its tensors")
+    n_blocks = int(_field(reader, f"{arch_name}.block_count") or layers.n_blocks)
+    tmap = gguf.get_tensor_name_map(arch, n_blocks)
+    present = {t.name for t in reader.tensors}
+    out: dict[str, str] = {}
+    for li in layers.linears:
+        base = tmap.get_name(li.fqn)
+        name = f"{base}.weight" if base else None
+        if name not in present:
+            raise UserError(f"layer {li.fqn} has no tensor in the GGUF ({name or 'no name in the gguf map'}); cannot write a GGUF for it")
+        out[li.fqn] = str(name)
+    return out
+
+
+def stored_other_bits(gguf_path: str | Path, layers: ModelLayers) -> int:
+    """Bits of every tensor of the GGUF outside the planned linears, as stored (copied by the export)."""
+    reader = _reader(gguf_path)
+    planned = set(linear_tensor_names(reader, layers).values())
+    return sum(8 * int(t.n_bytes) for t in reader.tensors if t.name not in planned)
+
+
+def ggml_other_bits(is_ggml: bool, ref: Any, layers: ModelLayers) -> int | None:
+    """A ggml plan on a GGUF checkpoint is sized as the export writes it: the tensors outside the
+    plan as the source file stores them. None (count them at the storage dtype) otherwise."""
+    if not is_ggml or ref.gguf is None:
+        return None
+    return stored_other_bits(ref.gguf, layers)
+
+
+def metadata_bytes(gguf_path: str | Path) -> int:
+    """Bytes before the first tensor's data in the GGUF: header, metadata (tokenizer included), tensor infos."""
+    reader = _reader(gguf_path)
+    return min(int(t.data_offset) for t in reader.tensors)
+
+
+@dataclass(frozen=True)
+class GgufExport:
+    path: Path
+    file_bytes: int
+    tensor_bytes: int  # as written
+    metadata_bytes: int  # the source's, which the export copies
+    types: Mapping[str, int]  # tensors written per ggml type (planned linears)
+
+
+def check_gguf_plan(plan: QuantPlan) -> None:
+    bad = [f for f, lq in plan.items() if not lq.ggml_type]
+    if bad or not plan:
+        example = plan.setting(bad[0]).label() if bad else "none"
+        raise UserError(
+            f"GGUF export needs a plan in llama.cpp types (a ggml-scheme space, e.g. parameter_spaces/smollm2_135m_ggml_per_block.json); "
+            f"this plan has {len(bad) or 'no'} layer(s) in other settings (e.g. {example})"
+        )
+
+
+def export_gguf(
+    source: str | Path | None,
+    plan: QuantPlan,
+    layers: ModelLayers,
+    out: str | Path,
+    force: bool = False,
+    info: Mapping[str, Any] | None = None,
+) -> GgufExport:
+    """Write ``plan`` as ``out`` (atomically: a temporary file renamed at the end, removed on error)."""
+    import gguf
+    import numpy as np
+    import torch
+
+    from bo_search import ggml
+
+    if source is None:
+        raise UserError(f"the checkpoint is a Hugging Face directory; {CONVERT_HINT}")
+    check_gguf_plan(plan)
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise UserError(f"{out} exists; pass --force to overwrite it, or choose another --gguf path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    reader = _reader(source)
+    names = linear_tensor_names(reader, layers)
+    by_name = {v: k for k, v in names.items()}
+    arch = str(_field(reader, "general.architecture"))
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    counts: dict[str, int] = {}
+    tensor_bytes = 0
+    try:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        for key, field in reader.fields.items():
+            if key.startswith("GGUF.") or key == "general.architecture":
+                continue  # the writer writes the header and the architecture itself
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+        writer.add_string("bo_search.plan", json.dumps({f: lq.ggml_type for f, lq in plan.items()}, sort_keys=True))
+        if info:
+            writer.add_string("bo_search.info", json.dumps(dict(info), sort_keys=True, default=str))
+        for t in reader.tensors:
+            fqn = by_name.get(t.name)
+            if fqn is None:  # outside the plan: the source's bytes, unchanged
+                data = np.asarray(t.data)
+                raw = None if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) else t.tensor_type
+                writer.add_tensor(t.name, data, raw_dtype=raw)
+                tensor_bytes += int(t.n_bytes)
+                continue
+            w = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+            eff, packed = ggml.pack_weight(w, plan.setting(fqn).ggml_type)
+            if eff == "F16":
+                writer.add_tensor(t.name, packed.view(np.float16).reshape(w.shape))
+            else:
+                writer.add_tensor(t.name, packed, raw_dtype=gguf.GGMLQuantizationType[eff])
+            counts[eff] = counts.get(eff, 0) + 1
+            tensor_bytes += packed.nbytes
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return GgufExport(out, out.stat().st_size, tensor_bytes, metadata_bytes(source), dict(sorted(counts.items())))

@@ -1,0 +1,118 @@
+"""Documented option values that no other test reaches, each run as a user would (issue 12, item 7).
+
+One command per group of flags on the tiny model; each asserts the flag's documented effect."""
+
+import csv
+import json
+import subprocess
+import sys
+
+from test_search import base_args, tiny_space
+
+from bo_search.history import read_history
+
+
+def _run(module, args, timeout=600):
+    r = subprocess.run([sys.executable, "-m", f"bo_search.{module}", *args], capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_gp_encodings_scale_zero_and_clip_flags(tiny_llama, tmp_path):
+    space = tiny_space(tmp_path / "space.json")
+    sizes = {}
+    for enc, zero, extra in (("choice", "8", ["--mse_clip", "--scale_dtype", "bfloat16"]), ("float", "32", [])):
+        hist, best = tmp_path / f"{enc}.csv", tmp_path / "plans" / f"{enc}.json"
+        _run(
+            "acc_modelsize",
+            base_args(tiny_llama, space, hist, "--num_trials", "3", "--strategy", "gp", "--encoding", enc, "--zero_bits", zero,
+                      "--threads_per_worker", "1", "--initial_samples", "uniform", "--best_plan_output", str(best), *extra),
+        )  # fmt: skip
+        rows = [x for x in read_history(hist).rows if x.status == "completed"]
+        assert len(rows) == 3 and best.is_file() and json.loads(best.read_text())["trial_index"] in {x.trial_index for x in rows}
+        sizes[enc] = {x.plan.dumps(): x.model_size for x in rows}
+    # the same plan costs more with 32-bit zero points than with 8-bit ones
+    common = set(sizes["choice"]) & set(sizes["float"])
+    assert common and all(sizes["float"][p] > sizes["choice"][p] for p in common)
+
+
+def test_output_file_alias_and_lm_head_outside_the_space(tiny_llama, tmp_path):
+    space = tiny_space(tmp_path / "space.json")
+    hist = tmp_path / "h.csv"
+    args = [a if a != "--history_output" else "--output_file" for a in base_args(tiny_llama, space, hist, "--num_trials", "2")]
+    _run("acc_modelsize", args + ["--initial_samples", "uniform"])
+    assert sum(x.status == "completed" for x in read_history(hist).rows) == 2
+    # a search chooses settings per block: a space without a slot for lm_head cannot quantize it
+    r = subprocess.run([sys.executable, "-m", "bo_search.acc_modelsize", *args, "--include_lm_head", "--history_output", str(tmp_path / "x.csv")],
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 2 and "lm_head" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_pareto_size_threshold(tiny_llama, tmp_path):
+    space = tiny_space(tmp_path / "space.json")
+    hist = tmp_path / "p.csv"
+    args = [a for a in base_args(tiny_llama, space, hist, "--num_trials", "3") if a not in ("--avg_bits", "5")]
+    r = _run("pareto", args + ["--max_size_gb", "0.001", "--max_ppl", "1e6"])
+    assert "0.001" in r.stdout or "0.001" in r.stderr
+
+
+def test_sensitivity_stop_rules_metric_and_compare(tiny_llama, tmp_path):
+    common = ["--checkpoint", str(tiny_llama), "--eval_text", "pydoc", "--nsamples", "2", "--max_seqlen", "32"]
+    outs = []
+    for rule in ("layers", "total"):
+        out = tmp_path / "sens" / f"h_{rule}.json"
+        r = _run("sensitivity", common + ["--method", "hessian", "--stop_on", rule, "--max_iter", "3", "--output", str(out)])
+        assert f"on {rule}" in r.stdout or "at --max_iter" in r.stdout or "iterations" in r.stdout
+        outs.append(out)
+    out = tmp_path / "sens" / "m_nll.json"
+    _run("sensitivity", common + ["--method", "measured", "--metric", "nll", "--output", str(out)])
+    doc = json.loads(out.read_text())
+    assert doc["method"] == "measured" and json.dumps(doc).count('"nll"') >= 1
+    r = _run("sensitivity", ["--checkpoint", str(tiny_llama), "--compare", str(outs[0]), str(out)])
+    assert "spearman" in r.stdout.lower()
+
+
+def test_seed_bitops_budgets_and_solver(tiny_llama, tmp_path):
+    space = tiny_space(tmp_path / "space.json")
+    out = tmp_path / "seeds" / "s.json"
+    r = _run(
+        "seed",
+        ["--checkpoint", str(tiny_llama), "--eval_text", "pydoc", "--max_seqlen", "32", "--nsamples", "2", "--parameters_list", str(space),
+         "--bitops", "0.05", "--budgets", "1,0.9", "--solver", "greedy", "--output", str(out)],
+    )  # fmt: skip
+    samples = json.loads(out.read_text())["initial_samples"]
+    assert 1 <= len(samples) <= 2 and "bitops" in r.stdout.lower()
+
+
+def test_evaluate_sample_of_a_space(tiny_llama, tmp_path):
+    space = tiny_space(tmp_path / "space.json")
+    samples = tmp_path / "init.json"
+    samples.write_text(
+        json.dumps({"initial_samples": [{f"bitwidth.{i}.": 4 for i in range(3)} | {f"groupsize.{i}.": 32 for i in range(3)}]})
+    )
+    out = tmp_path / "eval.json"
+    _run(
+        "evaluate",
+        ["--checkpoint", str(tiny_llama), "--eval_text", "pydoc", "--eval_tokens", "128", "--heldout_tokens", "128", "--max_seqlen", "64",
+         "--parameters_list", str(space), "--initial_samples", str(samples), "--sample", "0", "--output", str(out)],
+    )  # fmt: skip
+    res = json.loads(out.read_text())["results"]
+    assert [r["config"] for r in res] == ["sample 0"] and res[0]["avg_bits"] == 5.0  # 4-bit codes + 16+16 bits per 32 weights
+
+
+def test_report_baselines_and_cuda_torchao_export(tiny_llama, tmp_path):
+    space = tiny_space(tmp_path / "space.json")
+    hist = tmp_path / "h.csv"
+    _run("acc_modelsize", base_args(tiny_llama, space, hist, "--num_trials", "2", "--initial_samples", "uniform"))
+    out = tmp_path / "rep"
+    r = _run(
+        "report",
+        [str(hist), "--out", str(out), "--evaluate", "--baselines", "fp", "8:32", "--torchao_device", "cuda",
+         "--checkpoint", str(tiny_llama), "--eval_text", "pydoc", "--eval_tokens", "256", "--heldout_tokens", "128", "--max_seqlen", "64"],
+    )  # fmt: skip
+    assert "| uniform int8 g32 |" in r.stdout and "| full precision " in r.stdout
+    tao = next(out.glob("export_trial_*/torchao_config.json"))
+    assert json.loads(tao.read_text())["device"] == "cuda"
+    with open(hist) as f:
+        assert sum(1 for _ in csv.DictReader(f)) >= 2
