@@ -588,7 +588,8 @@ def summarize(setup: Setup, goal: Any, stats: Any, pool: Any, wall_s: float) -> 
     )
     if best.cal_throughput is not None:
         print(f"  throughput {best.cal_throughput:.2f} tok/s {best.throughput_kind}")
-    print(f"  bit widths: {json.dumps(best.plan.histogram())}")
+    kind = "ggml types" if any(lq.ggml_type for lq in best.plan.values()) else "bit widths"
+    print(f"  {kind}: {json.dumps(best.plan.histogram())}")
     print(f"  plan written to {out} (python -m bo_search.evaluate --config {out})")
 
 
