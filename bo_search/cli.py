@@ -28,7 +28,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--include_lm_head",
         action="store_true",
-        help="also quantize lm_head (untied from the embeddings if tied); by default lm_head and embeddings stay unquantized",
+        help="also quantize lm_head (untied from the embeddings if tied) in evaluate --uniform plans; searches refuse it, as their spaces set decoder blocks only. By default lm_head and embeddings stay unquantized",
     )
     g.add_argument(
         "--scale_dtype",

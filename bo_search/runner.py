@@ -177,8 +177,8 @@ def prepare(args: argparse.Namespace, search: str, take_lock: bool = True) -> Se
     outside = [li.fqn for li in layers.linears if li.block < 0 and li.fqn not in in_space]
     if outside:
         raise UserError(
-            f"--include_lm_head: the parameter space has no setting for {outside[0]} (a search chooses settings per decoder block), "
-            "so it would stay unquantized and only be untied; leave out --include_lm_head"
+            f"--include_lm_head: the parameter space has no setting for {outside[0]} (spaces choose settings per decoder block), "
+            "so it would stay unquantized and only be untied; leave out --include_lm_head (evaluate --uniform does quantize it)"
         )
     scheme = QuantScheme(scale_dtype=args.scale_dtype, zero_bits=args.zero_bits, mse_clip=args.mse_clip)
     from bo_search.gguf_export import ggml_other_bits

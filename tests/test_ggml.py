@@ -194,3 +194,30 @@ def test_searched_ggml_plan_exports_a_gguf_transformers_reads_with_the_same_perp
     assert abs(got / want - 1) < 1e-4, (got, want)
     reported = json.loads(Path(f"{hist}.best_plan.json").read_text())
     assert reported["trial_index"] == best.trial_index and abs(reported["ppl_heldout"] / want - 1) < 1e-4
+
+
+def test_every_search_runs_on_a_ggml_space_and_gguf_export_needs_a_gguf_checkpoint(tiny_llama, tmp_path):
+    from test_search import base_args, run_cli
+
+    space = _ggml_space(tmp_path / "g.json", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "F16"])
+    runs = {
+        "acc_modelsize": base_args(tiny_llama, space, tmp_path / "m.csv", "--num_trials", "4"),
+        "pareto": [a for a in base_args(tiny_llama, space, tmp_path / "p.csv", "--num_trials", "4", "--max_ppl", "1e6") if a not in ("--avg_bits", "5")],
+        "acc_throughput": [a for a in base_args(tiny_llama, space, tmp_path / "t.csv", "--num_trials", "4", "--ppl_constraint", "+50%") if a not in ("--avg_bits", "5")],
+    }  # fmt: skip
+    for module, args in runs.items():
+        r = run_cli(args, module=f"bo_search.{module}")
+        assert r.returncode == 0, (module, r.stderr[-3000:])
+        hist = Path(args[args.index("--history_output") + 1])
+        rows = [x for x in read_history(hist).rows if x.status == "completed"]
+        assert len(rows) == 4 and all(lq.ggml_type in ("Q4_0", "Q4_1", "Q5_0", "Q8_0", "F16") for x in rows for lq in x.plan.values())
+    # the tiny checkpoint is a Hugging Face directory: --gguf says to convert it first, and writes nothing
+    out = tmp_path / "x.gguf"
+    r = run_cli([str(tmp_path / "m.csv"), "--gguf", str(out), "--checkpoint", str(tiny_llama)], module="bo_search.report")
+    assert r.returncode == 2 and "convert_hf_to_gguf.py" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "m_report").exists()
+    # a plan in bits and group sizes cannot be written as GGUF
+    with pytest.raises(UserError, match="needs a plan in llama.cpp types"):
+        from bo_search.gguf_export import check_gguf_plan
+
+        check_gguf_plan(QuantPlan({"a": LayerQuant(4, 32)}))
