@@ -417,6 +417,8 @@ def save_packed(
     """
     from safetensors.torch import save_file
 
+    if any(lq.ggml_type for lq in plan.values()):
+        raise UserError("a plan in llama.cpp types is saved as a GGUF file (report --gguf OUT.gguf), not as a packed checkpoint")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     fp = _DTYPE_BY_NAME[fp_dtype or _config_dtype_name(model)]

@@ -221,3 +221,9 @@ def test_every_search_runs_on_a_ggml_space_and_gguf_export_needs_a_gguf_checkpoi
         from bo_search.gguf_export import check_gguf_plan
 
         check_gguf_plan(QuantPlan({"a": LayerQuant(4, 32)}))
+    # and a ggml plan is not silently written in the affine packed format
+    from bo_search.quant import save_packed
+
+    with pytest.raises(UserError, match="saved as a GGUF"):
+        save_packed(None, None, QuantPlan({"a": LayerQuant.of_ggml("Q4_0")}), tmp_path / "ck")  # type: ignore[arg-type]
+    assert not (tmp_path / "ck").exists()
