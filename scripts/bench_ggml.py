@@ -12,23 +12,14 @@ perplexity on the search and held-out splits.
 import argparse
 import dataclasses
 import random
-import statistics
-import time
+
+from bench_quant import timed  # scripts/ is on sys.path when a script runs
 
 from bo_search.evaluate import perplexity
 from bo_search.gguf_export import ggml_other_bits
 from bo_search.quant import SizeModel
 from bo_search.trial import EvalConfig, ModelContext
 from bo_search.types import GGML_TYPE_NAMES, LayerQuant, QuantPlan, ggml_effective_type
-
-
-def timed(fn, repeats=3):
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
 
 
 def main() -> None:
