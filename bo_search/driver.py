@@ -215,6 +215,8 @@ class SearchStats:
     failed: int = 0
     infeasible: int = 0
     abandoned: int = 0
+    #: failed because the worker's node left the cluster (not counted against --max_failure_rate)
+    node_lost: int = 0
     proposal_s: list[float] = field(default_factory=list)
     worker_idle_s: float = 0.0
     worker_busy_s: float = 0.0
@@ -252,6 +254,7 @@ class Search:
         on_result: Callable[[HistoryRow], None] | None = None,
         fallback: Callable[[], dict[str, int]] | None = None,
         repair: Callable[[dict[str, int]], dict[str, int] | None] | None = None,
+        placement_timeout: float = 600.0,
     ):
         self.driver, self.pool, self.history = driver, pool, history
         self.size_gb = size_gb
@@ -268,6 +271,8 @@ class Search:
         self.fallback = fallback
         #: maps an over-limit proposal to the nearest plan that fits (evaluated as a new trial)
         self.repair = repair
+        #: stop when no worker has been placed on the cluster for this long (all nodes lost)
+        self.placement_timeout = placement_timeout
         self._ready: queue.Queue[Proposal] = queue.Queue()
         self._results: queue.Queue[tuple[TrialResult, Proposal]] = queue.Queue()
         self._stop = threading.Event()
@@ -431,9 +436,18 @@ class Search:
                 return
             if self._stop.is_set() and not self.pool.busy() and self._ready.empty():
                 return
-            if self.stats.evaluated >= 4 and self.stats.failed / self.stats.evaluated > self.max_failure_rate:
+            unplaced = getattr(self.pool, "unplaced_s", None)
+            if unplaced is not None and not self.pool.busy() and (waited := unplaced()) > self.placement_timeout:
                 self._stop_with(
-                    f"{self.stats.failed} of {self.stats.evaluated} trials failed (more than --max_failure_rate {self.max_failure_rate:g}); "
+                    f"no worker could be placed on the Ray cluster for {waited:.0f} s (--placement_timeout {self.placement_timeout:g}); "
+                    "add a node (ray start --address HEAD:PORT) and run the same command again: it resumes from the history"
+                )
+                raise SearchStopped(self.stats.stop_reason)
+            plan_failures = self.stats.failed - self.stats.node_lost
+            plan_evaluated = self.stats.evaluated - self.stats.node_lost
+            if plan_evaluated >= 4 and plan_failures / plan_evaluated > self.max_failure_rate:
+                self._stop_with(
+                    f"{plan_failures} of {plan_evaluated} trials failed (more than --max_failure_rate {self.max_failure_rate:g}); "
                     "last reason is in the history's 'reason' column"
                 )
                 for idx in self.pool.cancel_all():
@@ -454,6 +468,8 @@ class Search:
                 self.stats.best = row
         else:
             self.stats.failed += 1
+            if res.reason.startswith("node lost"):
+                self.stats.node_lost += 1
             row = self._record(prop, "failed", result=res, reason=res.reason)
         if self.progress is not None:
             self.progress.update(1)

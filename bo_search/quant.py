@@ -137,9 +137,10 @@ def fake_quantize(w: torch.Tensor, lq: LayerQuant, scheme: QuantScheme = DEFAULT
     g = effective_group(in_f, lq.group_size)
     if in_f % g:
         raise UserError(f"groupsize {g} does not divide in_features={in_f}")
+    # No upcast: in a bf16/fp16 model the qparams are computed in the weight's dtype, with the same
+    # type promotions as torchao's choose_qparams_affine / quantize_affine / dequantize_affine, so a
+    # bf16 worker's fake quant equals torchao's bf16 result bit for bit (tests/test_quant.py).
     wg = w.reshape(out_f, in_f // g, g)
-    if wg.dtype != torch.float32:
-        wg = wg.float()
     if scheme.mse_clip:
         scale, zp = _mse_clip_qparams(wg, lq, scheme)
     else:

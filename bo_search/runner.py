@@ -71,10 +71,41 @@ def add_search_args(p: argparse.ArgumentParser, default_history: str, default_se
         "--best_plan_output", default=None, metavar="PLAN.json", help="where to write the best plan (default: HISTORY.best_plan.json)"
     )
     w = p.add_argument_group("workers")
-    w.add_argument("--gpu_list", "--gpu_lists", dest="gpu_list", default=None, metavar="0,1,...", help="one Ray worker per listed GPU")
-    w.add_argument("--num_workers", type=int, default=1, help="CPU workers when no GPU is listed (default 1)")
     w.add_argument(
-        "--ray_address", default=None, help="join an existing Ray cluster (e.g. 'auto') instead of starting a local loopback-only one"
+        "--gpus",
+        default=None,
+        metavar="all|N",
+        help="one worker per GPU of the Ray cluster ('all') or N of them, wherever Ray places them; the driver needs no GPU. "
+        "A worker lost with its node is replaced when the cluster has room again",
+    )
+    w.add_argument(
+        "--gpu_list",
+        "--gpu_lists",
+        dest="gpu_list",
+        default=None,
+        metavar="0,1,...",
+        help="single machine: one worker per listed local GPU index (use --gpus for a cluster)",
+    )
+    w.add_argument("--num_workers", type=int, default=1, help="CPU workers when no GPU is asked for (default 1)")
+    w.add_argument(
+        "--ray_address",
+        default=None,
+        metavar="HOST:PORT|auto",
+        help="join an existing Ray cluster (its head's address, or 'auto' on a node of it) instead of starting a local loopback-only one",
+    )
+    w.add_argument(
+        "--compute_dtype",
+        default="auto",
+        metavar="auto|float32|bfloat16|float16",
+        help="dtype the workers hold and run the model in: auto (default) = bfloat16 on a GPU, float32 on CPU. "
+        "Sizes never depend on it (they follow the checkpoint's storage dtype)",
+    )
+    w.add_argument(
+        "--placement_timeout",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="stop when no worker can be placed on the cluster for this many seconds (default 600)",
     )
     w.add_argument(
         "--threads_per_worker",
@@ -169,6 +200,8 @@ def prepare(args: argparse.Namespace, search: str, take_lock: bool = True) -> Se
         raise UserError(f"--num_trials must be at least 1, got {args.num_trials}")
     if not 0 < args.max_failure_rate <= 1:
         raise UserError(f"--max_failure_rate must be in (0, 1], got {args.max_failure_rate}")
+    if getattr(args, "placement_timeout", 1.0) <= 0:
+        raise UserError(f"--placement_timeout must be positive (seconds), got {args.placement_timeout:g}")
     eval_cfg = EvalConfig.from_args(args)
     model, ref = load_structure(args.checkpoint)
     layers = discover_layers(model, include_lm_head=args.include_lm_head)
@@ -392,6 +425,13 @@ def run_search(
         print(f"resuming {setup.history_path}: {len(setup.history_rows)} rows, {done} evaluated trials", flush=True)
     if done >= args.num_trials:
         print(f"the history already holds {done} evaluated trials (--num_trials {args.num_trials}); nothing to run")
+    from bo_search.workers import parse_cluster_gpus
+
+    cluster_gpus = parse_cluster_gpus(getattr(args, "gpus", None))
+    if cluster_gpus is not None and args.gpu_list:
+        raise UserError(
+            "--gpus and --gpu_list cannot be combined: --gpus N|all counts the Ray cluster's GPUs, --gpu_list names this machine's; give one"
+        )
     gpus = parse_gpus(args.gpu_list)
     from bo_search.strategy import ThompsonConfig, check_strategy
 
@@ -417,9 +457,17 @@ def run_search(
                 ray_address=args.ray_address,
                 threads_per_worker=args.threads_per_worker,
                 worker_cls=worker_cls or TrialWorker,
+                cluster_gpus=cluster_gpus,
+                placement_timeout=args.placement_timeout,
             )
             nodes = len({i["node_id"] for i in pool.infos})
-            print(f"workers ready (model load {max(pool.load_times):.1f} s; {pool.size} worker(s) on {nodes} Ray node(s))", flush=True)
+            on_driver = sum(i["node_id"] == pool.driver_node for i in pool.infos)
+            print(
+                f"workers ready (model load {max(pool.load_times):.1f} s; {pool.size} worker(s) on {nodes} Ray node(s), "
+                f"{on_driver} on the driver's node)",
+                flush=True,
+            )
+            print("\n".join(pool.placement_lines()), flush=True)
         if callable(goal):
             goal = goal(pool)
             check_history_limit(setup, goal)
@@ -444,7 +492,8 @@ def run_search(
                 else f" ({driver_cfg.encoding} encoding)"
             )
             + "; "
-            f"{len(seeds)} seeds; {len(gpus) or args.num_workers} {'GPU' if gpus else 'CPU'} worker(s); history {setup.history_path}",
+            f"{len(seeds)} seeds; {pool.size if pool is not None else len(gpus) or args.num_workers} "
+            f"{'GPU' if gpus or cluster_gpus is not None else 'CPU'} worker(s); history {setup.history_path}",
             flush=True,
         )
         history = HistoryWriter(setup.history_path)
@@ -471,6 +520,7 @@ def run_search(
                 already_evaluated=done,
                 seeds=seeds,
                 max_failure_rate=args.max_failure_rate,
+                placement_timeout=args.placement_timeout,
                 metrics_to_row=metrics_to_row,
                 progress=bar,
                 on_result=None if not bar.disable else _print_row,
@@ -532,6 +582,18 @@ def _print_row(row: Any) -> None:
     )
 
 
+def print_placement(rows: Any, pool: Any) -> None:
+    """Where the trials ran (the CSV's worker_id: worker@node-ip/node-id:gpuN), and nodes lost."""
+    from collections import Counter
+
+    per = Counter(r.worker_id for r in rows if r.status in ("completed", "failed") and r.worker_id)
+    if per:
+        print("trials per worker (whole history): " + ", ".join(f"{w} {n}" for w, n in sorted(per.items())))
+    lost = sum(r.status == "failed" and r.reason.startswith("node lost") for r in rows)
+    if lost or (pool is not None and getattr(pool, "restarts", 0)):
+        print(f"{lost} trial(s) failed with their node lost; {getattr(pool, 'restarts', 0)} replacement worker(s) requested this run")
+
+
 def summarize(setup: Setup, goal: Any, stats: Any, pool: Any, wall_s: float) -> None:
     """Best feasible plan (with held-out perplexity), run statistics, best-plan JSON."""
     from bo_search.history import read_history
@@ -548,6 +610,7 @@ def summarize(setup: Setup, goal: Any, stats: Any, pool: Any, wall_s: float) -> 
     n_failed = sum(r.status == "failed" for r in rows)
     n_inf = sum(r.status == "infeasible" for r in rows)
     print(f"\n{len(comp)} completed, {n_failed} failed, {n_inf} proposals over the limit (not evaluated), in {wall_s:.0f} s")
+    print_placement(rows, pool)
     if stats is not None and stats.evaluated:
         props = stats.proposal_s
         mean_prop = sum(props) / len(props) if props else 0.0
@@ -565,7 +628,7 @@ def summarize(setup: Setup, goal: Any, stats: Any, pool: Any, wall_s: float) -> 
         return
     best = min(feas, key=lambda r: r.cal_PPL or math.inf) if goal.minimize else max(feas, key=lambda r: r.cal_throughput or -math.inf)
     heldout = best.ppl_heldout
-    if heldout is None and pool is not None and setup.eval_cfg.heldout_tokens > 0:
+    if heldout is None and _can_measure(pool, setup):
         heldout = pool.heldout([best.plan])[0]
         if heldout is not None:
             _fill_heldout(setup.history_path, best.trial_index, heldout)
@@ -604,7 +667,7 @@ def pareto_summary(setup: Setup, comp: list[Any], pool: Any) -> None:
         return
     front = [pts[i] for i in pareto_front([(r.model_size, r.cal_PPL) for r in pts])]
     missing = [r for r in front if r.ppl_heldout is None]
-    if missing and pool is not None and setup.eval_cfg.heldout_tokens > 0:
+    if missing and _can_measure(pool, setup):
         for r, value in zip(missing, pool.heldout([r.plan for r in missing])):
             if value is not None:
                 r.ppl_heldout = value
@@ -625,6 +688,16 @@ def pareto_summary(setup: Setup, comp: list[Any], pool: Any) -> None:
     out = Path(setup.args.best_plan_output or str(setup.history_path) + ".pareto.json")
     cli.write_json(out, {"front": [{**row, **r.plan.to_json()} for row, r in zip(rows, front)]})
     print(f"front written to {out}")
+
+
+def _can_measure(pool: Any, setup: Setup) -> bool:
+    """Whether held-out perplexity can be measured now (a worker is up; --heldout_tokens > 0)."""
+    if pool is None or setup.eval_cfg.heldout_tokens <= 0:
+        return False
+    if not pool.has_ready():
+        print("held-out perplexity not measured: no worker is placed (python -m bo_search.report HISTORY.csv measures it later)")
+        return False
+    return True
 
 
 def _fill_heldout(path: Path, trial_index: int, value: float) -> None:

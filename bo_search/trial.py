@@ -36,6 +36,8 @@ class EvalConfig:
     fp_dtype: str | None = None
     include_lm_head: bool = False
     device: str = "cpu"
+    #: dtype the model is held and run in: auto = bfloat16 on CUDA, float32 on CPU (sizes never depend on it)
+    compute_dtype: str = "auto"
     #: throughput searches: "" (none), "measured" (real kernels) or "predicted" (bytes / bandwidth)
     throughput_model: str = ""
     decode_tokens: int = 32
@@ -58,6 +60,10 @@ class EvalConfig:
             from bo_search.throughput import check_throughput_model
 
             check_throughput_model(self.throughput_model)
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            from bo_search.types import did_you_mean
+
+            raise did_you_mean(self.compute_dtype, COMPUTE_DTYPES, "--compute_dtype")
         if self.decode_tokens <= 0 or self.prompt_tokens <= 0 or self.decode_repeats <= 0:
             raise UserError("--decode_tokens, --prompt_tokens and --decode_repeats must be positive")
 
@@ -68,6 +74,17 @@ class EvalConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The dtype this config's model is loaded in, on this config's device."""
+        name = self.compute_dtype
+        if name == "auto":
+            name = "bfloat16" if self.device.startswith("cuda") else "float32"
+        return getattr(torch, name)
+
+
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class ModelContext:
@@ -80,7 +97,7 @@ class ModelContext:
 
         self.cfg = cfg
         t0 = time.perf_counter()
-        self.model, self.tok, self.ref = load_model(cfg.checkpoint, device=cfg.device)
+        self.model, self.tok, self.ref = load_model(cfg.checkpoint, device=cfg.device, dtype=cfg.torch_dtype)
         if cfg.include_lm_head:
             _untie_lm_head(self.model)
         self.layers = discover_layers(self.model, include_lm_head=cfg.include_lm_head)

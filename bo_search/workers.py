@@ -1,9 +1,16 @@
 """Ray workers that hold the model, and the pool that dispatches trials to them asynchronously.
 
-The only module importing ray. One actor per listed GPU (``num_gpus=1``, pinned to its device), or
-``num_workers`` CPU actors. Each actor builds a :class:`~bo_search.trial.ModelContext` once (model,
-tokenised windows, saved original weights) and then runs trial after trial on it. A finished actor
-gets its next trial at once; a dead actor is replaced and its trial reported failed.
+The only module importing ray. One actor per GPU (``num_gpus=1``: per GPU of the Ray cluster with
+``--gpus``, wherever Ray places it, or per listed local GPU with ``--gpu_list``), or ``num_workers``
+CPU actors. Each actor takes its device from Ray's assignment (Ray sets ``CUDA_VISIBLE_DEVICES`` to
+the one GPU it gives the actor, so it computes on ``cuda:0``), builds a
+:class:`~bo_search.trial.ModelContext` once (model, tokenised windows, saved original weights) and
+then runs trial after trial on it. A finished actor gets its next trial at once.
+
+A dead actor's trial is reported failed: "node lost" when its node left the cluster, else "worker
+died". A replacement is requested at once; Ray places it when the cluster has room (a node joins),
+and until then the search goes on with the workers that remain. :meth:`WorkerPool.unplaced_s` tells
+the search how long it has had no worker at all, so it can stop with a clear message.
 """
 
 from __future__ import annotations
@@ -21,6 +28,16 @@ from bo_search.types import QuantPlan, TrialResult, UserError
 
 log = logging.getLogger(__name__)
 
+#: Test-only: GPU-scheduled actors (``num_gpus=1``) compute on CPU, so that a cluster of nodes that
+#: declare logical GPUs (``ray start --num-gpus 2``) can be tested on a machine without one. Read
+#: by the driver; deliberately not a command-line flag and not in README.
+TEST_GPU_AS_CPU_ENV = "BO_SEARCH_TEST_GPU_AS_CPU"
+#: Test-only: seconds each trial sleeps before it runs (keeps trials in flight while a test kills a node).
+TEST_TRIAL_DELAY_ENV = "BO_SEARCH_TEST_TRIAL_DELAY_S"
+#: a dead actor whose node is still alive after this many seconds crashed on its own ("worker died").
+#: Ray's defaults mark a silent node dead after 5 missed health checks 3 s apart (plus a 10 s timeout).
+NODE_LOSS_GRACE_S = 30.0
+
 
 def default_threads(num_workers: int, on_gpu: bool = False) -> int:
     """Torch threads per worker: the cores shared out, CPU workers leaving one core to the driver's Ax
@@ -32,7 +49,11 @@ def default_threads(num_workers: int, on_gpu: bool = False) -> int:
 class TrialWorker:
     """Body of a Ray actor (wrapped with ``ray.remote`` by the pool). Subclass it to inject faults in tests."""
 
-    def __init__(self, cfg: EvalConfig, worker_id: str, threads: int | None = None):
+    #: how long the pool waits for the cluster to mark a dead actor's node dead before it calls the
+    #: death a crash of the worker itself (a fault-injecting subclass that crashes on purpose lowers it)
+    node_loss_grace_s: float = NODE_LOSS_GRACE_S
+
+    def __init__(self, cfg: EvalConfig, worker_id: str, threads: int | None = None, trial_delay_s: float = 0.0):
         import torch
 
         from bo_search.cli import setup_logging
@@ -40,27 +61,42 @@ class TrialWorker:
         setup_logging(False)
         if threads:
             torch.set_num_threads(threads)
+        self.placement = _placement()
+        self.worker_id = placement_label(worker_id, self.placement)
+        self.cfg = cfg
+        self.load_s = 0.0
+        self._delay = trial_delay_s  # test-only (TEST_TRIAL_DELAY_ENV, read by the driver)
+
+    def placed(self) -> dict[str, Any]:
+        """Answers as soon as Ray has placed the actor (the constructor does no heavy work), so a
+        placement timeout never counts the model's load time."""
+        return self.placement
+
+    def load(self) -> dict[str, Any]:
+        """Load the model (once) and return :meth:`info`."""
         from bo_search.trial import ModelContext
 
-        self.worker_id = worker_id
         t0 = time.perf_counter()
-        self.ctx = ModelContext(cfg, heldout=True)
+        self.ctx = ModelContext(self.cfg, heldout=True)
         self.load_s = time.perf_counter() - t0
+        return self.info()
 
     def info(self) -> dict[str, Any]:
-        import ray
         import torch
 
         return {
+            **self.placement,
             "worker_id": self.worker_id,
             "pid": os.getpid(),
-            "node_id": ray.get_runtime_context().get_node_id(),
             "load_s": self.load_s,
             "threads": torch.get_num_threads(),
             "device": self.ctx.cfg.device,
+            "dtype": str(next(self.ctx.model.parameters()).dtype).removeprefix("torch."),
         }
 
     def run(self, trial_index: int, plan_json: str) -> TrialResult:
+        if self._delay:
+            time.sleep(self._delay)
         return self.ctx.run_trial(trial_index, QuantPlan.loads(plan_json), self.worker_id)
 
     def measure(self, plan_json: str) -> dict[str, Any]:
@@ -73,6 +109,31 @@ class TrialWorker:
         return None if row["ppl_heldout"] is None else float(row["ppl_heldout"])
 
 
+def _placement() -> dict[str, Any]:
+    """Where this actor runs: node id and IP, and the GPU ids Ray assigned it (empty on CPU)."""
+    try:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {
+            "node_id": ctx.get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        }
+    except Exception:  # built outside Ray (a unit test constructing the class directly)
+        return {"node_id": "", "node_ip": "", "gpu_ids": []}
+
+
+def placement_label(worker_id: str, placement: dict[str, Any]) -> str:
+    """``w0@10.0.0.7/3f2a9c:gpu1``: worker, node IP / node id prefix, and Ray's GPU id (or ``cpu``).
+    The CSV ``worker_id`` column holds it, so every trial says where it ran."""
+    if not placement.get("node_id"):
+        return worker_id
+    gpus = placement.get("gpu_ids") or []
+    where = "gpu" + "+".join(gpus) if gpus else "cpu"
+    return f"{worker_id}@{placement['node_ip']}/{placement['node_id'][:6]}:{where}"
+
+
 @dataclass
 class _Slot:
     worker_id: str
@@ -81,6 +142,17 @@ class _Slot:
     ref: Any = None
     started: float = 0.0
     idle_since: float = 0.0
+    #: the actor's ``placed`` call (resolves once Ray places it) and ``load`` call (the model is loaded:
+    #: the slot takes trials from then on)
+    placed_ref: Any = None
+    placed: bool = False
+    ready_ref: Any = None
+    ready: bool = False
+    info: dict[str, Any] | None = None
+    node_id: str = ""
+    #: the actor died mid-trial; the reason (node lost or worker died) is not settled yet
+    dead_err: BaseException | None = None
+    dead_since: float = 0.0
 
 
 def ray_is_initialized() -> bool:
@@ -90,21 +162,62 @@ def ray_is_initialized() -> bool:
     return bool(ray is not None and ray.is_initialized())
 
 
-def start_ray(num_cpus: int, num_gpus: int, address: str | None, object_store_mb: int = 256) -> None:
-    """Start a local loopback-only Ray (default) or join ``address`` (e.g. ``auto``)."""
+HEAD_HINT = "start a head there first (ray start --head --port 6379), then pass --ray_address HOST:6379 (or auto on the head)"
+
+
+def _check_address_reachable(address: str) -> None:
+    """A HOST:PORT address that nothing listens on fails in a second with one line, instead of Ray's
+    long connection retries. Connects only to the address the user gave."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # 'auto', 'ray://...': Ray resolves and reports these itself
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=3):
+            pass
+    except OSError as err:
+        raise UserError(f"--ray_address {address}: no Ray head answers there ({err.strerror or err}); {HEAD_HINT}") from None
+
+
+def start_ray(num_cpus: int, num_gpus: int | None, address: str | None, object_store_mb: int = 256) -> None:
+    """Start a local loopback-only Ray (default) or join ``address`` (e.g. ``auto``). ``num_gpus``
+    None lets a local Ray count the machine's GPUs itself."""
     if address:
+        _check_address_reachable(address)
         import ray
 
         try:
             ray.init(address=address, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as err:
-            raise UserError(f"cannot join the Ray cluster at --ray_address {address}: {str(err).splitlines()[0]}") from None
+            raise UserError(f"cannot join the Ray cluster at --ray_address {address}: {str(err).splitlines()[0]}; {HEAD_HINT}") from None
         return
     apply_loopback_env()
     import ray
 
     kwargs: dict[str, Any] = local_init_kwargs(num_cpus, object_store_mb * 1024 * 1024, num_gpus=num_gpus)
     ray.init(**kwargs, logging_level=logging.WARNING, configure_logging=True)
+
+
+def parse_cluster_gpus(spec: str | None) -> int | str | None:
+    """``--gpus``: 'all' or a positive count."""
+    if spec is None:
+        return None
+    if spec.strip().lower() == "all":
+        return "all"
+    try:
+        n = int(spec)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise UserError(f"--gpus {spec!r}: expected 'all' or a positive number of GPUs, such as --gpus 8")
+    return n
+
+
+def _cluster_text(resources: dict[str, float]) -> str:
+    gpus = int(resources.get("GPU", 0))
+    cpus = int(resources.get("CPU", 0))
+    return f"{gpus} GPU(s) and {cpus} CPU(s)"
 
 
 class WorkerPool:
@@ -119,63 +232,148 @@ class WorkerPool:
         threads_per_worker: int | None = None,
         worker_cls: type[TrialWorker] = TrialWorker,
         object_store_mb: int = 256,
+        cluster_gpus: int | str | None = None,
+        placement_timeout: float = 600.0,
+        node_loss_grace_s: float | None = None,
     ):
         self.cfg = cfg
+        self.node_loss_grace_s = worker_cls.node_loss_grace_s if node_loss_grace_s is None else node_loss_grace_s
         self.gpus = list(gpus or [])
+        if cluster_gpus is not None and self.gpus:
+            raise UserError(
+                "--gpus and --gpu_list cannot be combined: --gpus N|all counts the Ray cluster's GPUs, "
+                "--gpu_list names this machine's; give one"
+            )
+        self.on_gpu = bool(self.gpus) or cluster_gpus is not None
+        self.placement_timeout = placement_timeout
         n = len(self.gpus) if self.gpus else num_workers
-        if n < 1:
+        if n < 1 and cluster_gpus is None:
             raise UserError(f"--num_workers must be at least 1, got {num_workers}")
         self._own_ray = False
         if not ray_is_initialized():  # checked without importing ray: the loopback env must come first
             cpus = os.cpu_count() or 1
-            start_ray(num_cpus=max(cpus, n), num_gpus=len(self.gpus), address=ray_address, object_store_mb=object_store_mb)
+            if self.gpus and not ray_address:
+                # Ray hands out the ids it finds in CUDA_VISIBLE_DEVICES: so --gpu_list 2,3 gives GPUs 2 and 3.
+                os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.gpus)
+            start_ray(
+                num_cpus=max(cpus, n),
+                num_gpus=None if cluster_gpus is not None else len(self.gpus),
+                address=ray_address,
+                object_store_mb=object_store_mb,
+            )
             self._own_ray = not ray_address
         import ray
 
-        if self.gpus:
-            visible = int(ray.cluster_resources().get("GPU", 0))
-            if visible < len(self.gpus):
-                raise UserError(f"--gpu_list names {len(self.gpus)} GPU(s) but the Ray cluster has {visible}")
-        self.threads = threads_per_worker or default_threads(n, bool(self.gpus))
+        resources = ray.cluster_resources()
+        have = int(resources.get("GPU", 0))
+        if cluster_gpus is not None:
+            if have == 0:
+                raise UserError(
+                    f"--gpus {cluster_gpus}: the Ray cluster has no GPU ({_cluster_text(resources)}); join a cluster with GPU nodes (--ray_address) or use --num_workers"
+                )
+            if cluster_gpus != "all" and int(cluster_gpus) > have:
+                raise UserError(
+                    f"--gpus {cluster_gpus}: the Ray cluster has {_cluster_text(resources)}; ask for at most --gpus {have}, or --gpus all"
+                )
+            n = have if cluster_gpus == "all" else int(cluster_gpus)
+        elif self.gpus and have < len(self.gpus):
+            raise UserError(f"--gpu_list names {len(self.gpus)} GPU(s) but the Ray cluster has {have}")
+        self.threads = threads_per_worker or default_threads(n, self.on_gpu)
         self._remote = ray.remote(worker_cls)
         self._worker_cls = worker_cls
-        self.slots: list[_Slot] = []
+        self._gpu_as_cpu = bool(os.environ.get(TEST_GPU_AS_CPU_ENV))
+        self._trial_delay_s = float(os.environ.get(TEST_TRIAL_DELAY_ENV, "0") or 0)
+        self.slots: list[_Slot] = [self._new_slot(i) for i in range(n)]
         self.restarts = 0
-        for i in range(n):
-            self.slots.append(_Slot(f"w{i}", self._spawn(i)))
-        self.load_times: list[float] = []
-        infos = ray.get([s.actor.info.remote() for s in self.slots])
-        now = time.perf_counter()
-        for s, info in zip(self.slots, infos):
-            s.idle_since = now
-            self.load_times.append(info["load_s"])
-        self.infos = infos
+        self.nodes_lost = 0
+        self._none_ready_since: float | None = None
+        self._nodes_checked = 0.0
+        self._alive: dict[str, bool] = {}
+        refs = [s.placed_ref for s in self.slots]
+        placed, pending = ray.wait(refs, num_returns=len(refs), timeout=placement_timeout)
+        if pending:
+            raise UserError(
+                f"{len(pending)} of {n} worker(s) could not be placed within {placement_timeout:g} s "
+                f"(the Ray cluster has {_cluster_text(ray.cluster_resources())}); free resources or ask for fewer workers"
+            )
+        self._poll_pending(block=True)
+        self.load_times = [s.info["load_s"] for s in self.slots if s.info]
+        self.infos = [s.info for s in self.slots if s.info]
+        try:
+            self.driver_node = ray.get_runtime_context().get_node_id()
+        except Exception:  # pragma: no cover - old Ray
+            self.driver_node = ""
 
-    def _spawn(self, i: int) -> Any:
+    def _new_slot(self, i: int) -> _Slot:
         cfg = self.cfg
-        if self.gpus:
+        if self.on_gpu:
             # Ray sets CUDA_VISIBLE_DEVICES to the one GPU it assigns; inside the actor it is cuda:0.
-            cfg = EvalConfig(**{**cfg.to_dict(), "device": "cuda:0"})
+            device = "cpu" if self._gpu_as_cpu else "cuda:0"
+            cfg = EvalConfig(**{**cfg.to_dict(), "device": device})
             opts: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
         else:
             cfg = EvalConfig(**{**cfg.to_dict(), "device": "cpu"})
             opts = {"num_cpus": 1}
         opts["max_concurrency"] = 1
-        return self._remote.options(**opts).remote(cfg, f"w{i}", self.threads)
+        actor: Any = self._remote.options(**opts).remote(cfg, f"w{i}", self.threads, self._trial_delay_s)
+        placed_ref = actor.placed.remote()  # actor calls run in order: placed, then load
+        return _Slot(f"w{i}", actor, placed_ref=placed_ref, ready_ref=actor.load.remote())
+
+    def _poll_pending(self, block: bool = False) -> None:
+        """Mark placed (loaded) actors ready. A replacement that cannot be placed yet stays pending."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        pending = [s for s in self.slots if not s.ready and s.ready_ref is not None]
+        if not pending:
+            return
+        ready, _ = ray.wait([s.ready_ref for s in pending], num_returns=len(pending), timeout=None if block else 0)
+        for s in pending:
+            if s.ready_ref not in ready:
+                continue
+            try:
+                info = ray.get(s.ready_ref)
+            except (RayActorError, RayTaskError) as err:
+                if block:
+                    raise UserError(f"worker {s.worker_id} failed to start: {_first_line(err)}") from None
+                log.warning("replacement worker %s failed to start (%s); trying again", s.worker_id, _first_line(err))
+                self._respawn(s)
+                continue
+            s.info, s.ready, s.ready_ref = info, True, None
+            s.worker_id, s.node_id = info["worker_id"], info.get("node_id", "")
+            s.idle_since = time.perf_counter()
+            if not block:
+                log.warning("worker %s ready (load %.1f s)", s.worker_id, info["load_s"])
 
     @property
     def size(self) -> int:
         return len(self.slots)
 
     def idle(self) -> list[_Slot]:
-        return [s for s in self.slots if s.busy_with is None]
+        return [s for s in self.slots if s.ready and s.busy_with is None]
 
     def busy(self) -> list[_Slot]:
         return [s for s in self.slots if s.busy_with is not None]
 
+    def unplaced_s(self) -> float:
+        """Seconds for which no worker has been placed on the cluster (0 while any is)."""
+        import ray
+
+        for s in self.slots:
+            if not s.placed and s.placed_ref is not None:
+                done, _ = ray.wait([s.placed_ref], timeout=0)
+                s.placed = bool(done)
+        if any(s.placed or s.ready for s in self.slots):
+            self._none_ready_since = None
+            return 0.0
+        now = time.perf_counter()
+        if self._none_ready_since is None:
+            self._none_ready_since = now
+        return now - self._none_ready_since
+
     def submit(self, slot: _Slot, trial_index: int, plan: QuantPlan) -> float:
         """Start a trial on an idle worker; returns how long the worker had been idle."""
-        assert slot.busy_with is None
+        assert slot.busy_with is None and slot.ready
         slot.busy_with = trial_index
         slot.started = time.perf_counter()
         slot.ref = slot.actor.run.remote(trial_index, plan.dumps())
@@ -186,13 +384,14 @@ class WorkerPool:
         import ray
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-        busy = self.busy()
-        if not busy:
+        self._poll_pending()
+        results = self._classify_dead()
+        running = [s for s in self.busy() if s.ref is not None]
+        if not running:
             time.sleep(min(timeout, 0.05))
-            return []
-        ready, _ = ray.wait([s.ref for s in busy], num_returns=len(busy), timeout=timeout)
-        results = []
-        for s in busy:
+            return results
+        ready, _ = ray.wait([s.ref for s in running], num_returns=len(running), timeout=timeout)
+        for s in running:
             if s.ref not in ready:
                 continue
             idx = s.busy_with
@@ -200,38 +399,102 @@ class WorkerPool:
             try:
                 res = ray.get(s.ref, timeout=5)
             except RayActorError as err:
-                res = TrialResult(idx, "failed", reason=f"worker {s.worker_id} died: {_first_line(err)}", worker_id=s.worker_id)
-                self._replace(s)
+                # Why did it die? Ray may report the actor dead a moment before the cluster marks its
+                # node dead, so the reason is settled by _classify_dead, without blocking the others.
+                s.ref, s.dead_err, s.dead_since = None, err, time.perf_counter()
+                continue
             except (RayTaskError, GetTimeoutError) as err:
                 res = TrialResult(idx, "failed", reason=f"worker {s.worker_id} raised: {_first_line(err)}", worker_id=s.worker_id)
             s.busy_with, s.ref = None, None
             s.idle_since = time.perf_counter()
             results.append(res)
-        return results
+        return results + self._classify_dead()
 
-    def _replace(self, slot: _Slot) -> None:
+    def _classify_dead(self) -> list[TrialResult]:
+        """Failed results for trials whose actor died: "node lost" once Ray marks the actor's node dead
+        (or says so), "worker died" when the node is still alive after ``node_loss_grace_s``."""
         import ray
 
-        self.restarts += 1
-        log.warning("worker %s died; starting a replacement", slot.worker_id)
+        dead = [s for s in self.slots if s.dead_err is not None]
+        if not dead:
+            return []
+        now = time.perf_counter()
+        if now - self._nodes_checked >= 0.5:
+            self._nodes_checked = now
+            self._alive = {n["NodeID"]: bool(n["Alive"]) for n in ray.nodes()}
+        out = []
+        for s in dead:
+            err, idx = s.dead_err, s.busy_with
+            assert idx is not None and err is not None
+            text = str(err).lower()
+            lost = "node has died" in text or (s.node_id and not self._alive.get(s.node_id, False))
+            if not lost and now - s.dead_since < self.node_loss_grace_s:
+                continue
+            if lost:
+                self.nodes_lost += 1
+                reason = f"node lost: worker {s.worker_id}'s node left the Ray cluster"
+            else:
+                reason = f"worker {s.worker_id} died: {_first_line(err)}"
+            out.append(TrialResult(idx, "failed", reason=reason, worker_id=s.worker_id))
+            s.dead_err, s.busy_with = None, None
+            self._replace(s)
+        return out
+
+    def _respawn(self, slot: _Slot) -> None:
+        import ray
+
         try:
             ray.kill(slot.actor)
         except Exception:  # already gone
             pass
-        slot.actor = self._spawn(int(slot.worker_id[1:]))
+        fresh = self._new_slot(int(slot.worker_id[1:].split("@")[0]))
+        slot.actor, slot.ready_ref, slot.ready, slot.info, slot.node_id = fresh.actor, fresh.ready_ref, False, None, ""
+        slot.placed_ref, slot.placed = fresh.placed_ref, False
+        slot.busy_with, slot.ref = None, None
+
+    def _replace(self, slot: _Slot) -> None:
+        self.restarts += 1
+        log.warning("worker %s died; requesting a replacement (it starts when the cluster has room)", slot.worker_id)
+        self._respawn(slot)
+        slot.worker_id = slot.worker_id.split("@")[0]
+
+    def has_ready(self) -> bool:
+        return any(s.ready for s in self.slots)
+
+    def _ready_slots(self) -> list[_Slot]:
+        ready = [s for s in self.slots if s.ready]
+        if not ready:
+            raise UserError("no worker is placed on the Ray cluster; add a node (ray start --address HEAD:PORT) and resume")
+        return ready
 
     def heldout(self, plans: Sequence[QuantPlan]) -> list[float | None]:
         """Held-out perplexity of several plans, spread over the workers (None with --heldout_tokens 0)."""
         import ray
 
-        refs = [self.slots[i % len(self.slots)].actor.heldout.remote(p.dumps()) for i, p in enumerate(plans)]
+        ready = self._ready_slots()
+        refs = [ready[i % len(ready)].actor.heldout.remote(p.dumps()) for i, p in enumerate(plans)]
         return [None if x is None else float(x) for x in ray.get(refs)]
 
     def measure(self, plans: Sequence[QuantPlan]) -> list[dict[str, Any]]:
         import ray
 
-        refs = [self.slots[i % len(self.slots)].actor.measure.remote(p.dumps()) for i, p in enumerate(plans)]
+        ready = self._ready_slots()
+        refs = [ready[i % len(ready)].actor.measure.remote(p.dumps()) for i, p in enumerate(plans)]
         return list(ray.get(refs))
+
+    def placement_lines(self) -> list[str]:
+        """One line per worker: where it runs, its device and dtype (the run summary prints them)."""
+        out = []
+        for s in self.slots:
+            if not s.ready or not s.info:
+                out.append(f"  {s.worker_id}: waiting for room on the cluster")
+                continue
+            i = s.info
+            gpu = f"GPU {'+'.join(i['gpu_ids'])}" if i.get("gpu_ids") else "no GPU"
+            out.append(
+                f"  {s.worker_id}: node {i.get('node_ip', '?')} ({i.get('node_id', '')[:6]}), {gpu}, {i['device']}, {i['dtype']}, load {i['load_s']:.1f} s"
+            )
+        return out
 
     def cancel_all(self) -> list[int]:
         import ray

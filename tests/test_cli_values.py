@@ -116,3 +116,46 @@ def test_report_baselines_and_cuda_torchao_export(tiny_llama, tmp_path):
     assert json.loads(tao.read_text())["device"] == "cuda"
     with open(hist) as f:
         assert sum(1 for _ in csv.DictReader(f)) >= 2
+
+
+def test_compute_dtype_reaches_every_worker(tiny_llama, tmp_path):
+    space = tiny_space(tmp_path / "space.json")
+    hist = tmp_path / "h.csv"
+    r = _run(
+        "acc_modelsize",
+        base_args(
+            tiny_llama,
+            space,
+            hist,
+            "--num_trials",
+            "2",
+            "--num_workers",
+            "2",
+            "--compute_dtype",
+            "bfloat16",
+            "--initial_samples",
+            "uniform",
+        ),
+    )
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("  w")]
+    assert len(lines) == 2 and all(", cpu, bfloat16," in ln for ln in lines), r.stdout
+    rows = [x for x in read_history(hist).rows if x.status == "completed"]
+    assert len(rows) == 2 and all(x.worker_id.startswith(("w0@127.0.0.1/", "w1@127.0.0.1/")) and x.worker_id.endswith(":cpu") for x in rows)
+
+
+def test_worker_flag_errors_are_one_line(tiny_llama, tmp_path):
+    space = tiny_space(tmp_path / "space.json")
+    cases = [
+        (["--gpus", "2", "--gpu_list", "0"], "--gpus and --gpu_list cannot be combined"),
+        (["--gpus", "many"], "expected 'all' or a positive number"),
+        (["--ray_address", "127.0.0.1:9"], "no Ray head answers there"),
+        (["--compute_dtype", "bf16"], "did you mean 'bfloat16'"),
+        (["--placement_timeout", "0"], "--placement_timeout must be positive"),
+        (["--gpus", "all"], "the Ray cluster has no GPU"),  # a local cluster on this GPU-less machine
+    ]
+    for extra, msg in cases:
+        args = base_args(tiny_llama, space, tmp_path / "h.csv", "--num_trials", "1", *extra)
+        r = subprocess.run([sys.executable, "-m", "bo_search.acc_modelsize", *args], capture_output=True, text=True, timeout=300)
+        err = [ln for ln in r.stderr.splitlines() if ln.strip() and not ln.startswith(("20", "[", "W", "I"))]
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr[-1500:])
+        assert len([ln for ln in err if msg in ln]) == 1, (extra, err)

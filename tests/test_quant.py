@@ -176,3 +176,60 @@ def test_real_model_packed_file_within_1_percent(real_ctx, tmp_path):
         assert torch.equal(state[fqn + ".weight"], dict(ctx.model.named_modules())[fqn].weight)
     finally:
         ctx.applier.restore()
+
+
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_half_precision_fake_quant_matches_torchao(wdtype, scale_dtype, symmetric):
+    """GPU workers hold the model in bf16 (--compute_dtype auto): qparams are computed in the
+    weight's dtype with torchao's type promotions, so the result equals torchao's bit for bit."""
+    from torchao.quantization import IntxWeightOnlyConfig, MappingType, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    for bits, group in [(2, 32), (3, 64), (4, -1), (8, 32)]:
+        torch.manual_seed(bits)
+        lin = torch.nn.Linear(192, 48, bias=False).to(wdtype)
+        w = lin.weight.detach().clone()
+        cfg = IntxWeightOnlyConfig(
+            weight_dtype=getattr(torch, f"int{bits}"),
+            granularity=PerAxis(0) if group == -1 else PerGroup(group),
+            mapping_type=MappingType.SYMMETRIC if symmetric else MappingType.ASYMMETRIC,
+            scale_dtype=getattr(torch, scale_dtype),
+        )
+        model = torch.nn.Sequential(lin)
+        quantize_(model, cfg)
+        ours = fake_quantize(w, LayerQuant(bits, group, symmetric), QuantScheme(scale_dtype=scale_dtype))
+        assert ours.dtype == wdtype
+        assert torch.equal(model[0].weight.dequantize(), ours), (bits, group)
+
+
+def test_bf16_model_plan_matches_torchao(tiny_llama):
+    """A tiny model loaded in bf16 (as a GPU worker loads it): every planned linear after our plan
+    application equals torchao's bf16 quantization of the same model, and restore is exact."""
+    from torchao.quantization import quantize_
+
+    from bo_search.trial import EvalConfig, ModelContext
+
+    ctx = ModelContext(
+        EvalConfig(
+            checkpoint=str(tiny_llama), eval_text="pydoc", eval_tokens=128, heldout_tokens=0, max_seqlen=64, compute_dtype="bfloat16"
+        )
+    )
+    assert next(ctx.model.parameters()).dtype == torch.bfloat16
+    import copy
+
+    ref_model = copy.deepcopy(ctx.model)
+    settings = [LayerQuant(4, 32), LayerQuant(3, 64), LayerQuant(8, 32, True)]
+    plan = QuantPlan({li.fqn: settings[i % 3] for i, li in enumerate(ctx.layers.linears)})
+    quantize_(ref_model, torchao_fqn_config(plan, ctx.layers), filter_fn=None)
+    before = {li.fqn: ctx.applier.original(li.fqn).clone() for li in ctx.layers.linears}
+    ctx.applier.apply(plan)
+    mods, ref_mods = dict(ctx.model.named_modules()), dict(ref_model.named_modules())
+    for li in ctx.layers.linears:
+        assert torch.equal(mods[li.fqn].weight, ref_mods[li.fqn].weight.dequantize()), li.fqn
+    ctx.applier.restore()
+    assert all(torch.equal(mods[f].weight, w) for f, w in before.items())
+    # sizes follow the checkpoint's storage dtype, never the compute dtype
+    f32 = ModelContext(EvalConfig(checkpoint=str(tiny_llama), eval_text="pydoc", eval_tokens=128, heldout_tokens=0, max_seqlen=64))
+    assert ctx.size_model.report(plan).total_bytes == f32.size_model.report(plan).total_bytes
