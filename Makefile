@@ -21,7 +21,7 @@ demo: install
 	$(BIN)/python -m bo_search.acc_modelsize $(DEMO_ARGS)
 
 test: install lint
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=15
 
 lint: install
 	$(BIN)/ruff check bo_search tests scripts

@@ -459,16 +459,10 @@ def run_search(
                 worker_cls=worker_cls or TrialWorker,
                 cluster_gpus=cluster_gpus,
                 placement_timeout=args.placement_timeout,
+                wait=False,  # the workers load their model while Ax is set up below
             )
-            nodes = len({i["node_id"] for i in pool.infos})
-            on_driver = sum(i["node_id"] == pool.driver_node for i in pool.infos)
-            print(
-                f"workers ready (model load {max(pool.load_times):.1f} s; {pool.size} worker(s) on {nodes} Ray node(s), "
-                f"{on_driver} on the driver's node)",
-                flush=True,
-            )
-            print("\n".join(pool.placement_lines()), flush=True)
         if callable(goal):
+            _workers_ready(pool)
             goal = goal(pool)
             check_history_limit(setup, goal)
         driver_cfg = DriverConfig(
@@ -499,6 +493,8 @@ def run_search(
         history = HistoryWriter(setup.history_path)
         if done < args.num_trials:
             assert pool is not None
+            if not pool.infos:
+                _workers_ready(pool)
             row_defaults = {
                 "search": goal.search,
                 "model_id": setup.ref.fingerprint,
@@ -568,6 +564,17 @@ def run_search(
         if setup.lock is not None:
             setup.lock.release()
     return status
+
+
+def _workers_ready(pool: Any) -> None:
+    pool.wait_ready()
+    nodes = len({i["node_id"] for i in pool.infos})
+    on_driver = sum(i["node_id"] == pool.driver_node for i in pool.infos)
+    print(
+        f"workers ready (model load {max(pool.load_times):.1f} s; {pool.size} worker(s) on {nodes} Ray node(s), {on_driver} on the driver's node)",
+        flush=True,
+    )
+    print("\n".join(pool.placement_lines()), flush=True)
 
 
 def _print_row(row: Any) -> None:

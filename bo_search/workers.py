@@ -235,6 +235,7 @@ class WorkerPool:
         cluster_gpus: int | str | None = None,
         placement_timeout: float = 600.0,
         node_loss_grace_s: float | None = None,
+        wait: bool = True,
     ):
         self.cfg = cfg
         self.node_loss_grace_s = worker_cls.node_loss_grace_s if node_loss_grace_s is None else node_loss_grace_s
@@ -296,13 +297,21 @@ class WorkerPool:
                 f"{len(pending)} of {n} worker(s) could not be placed within {placement_timeout:g} s "
                 f"(the Ray cluster has {_cluster_text(ray.cluster_resources())}); free resources or ask for fewer workers"
             )
-        self._poll_pending(block=True)
-        self.load_times = [s.info["load_s"] for s in self.slots if s.info]
-        self.infos = [s.info for s in self.slots if s.info]
         try:
             self.driver_node = ray.get_runtime_context().get_node_id()
         except Exception:  # pragma: no cover - old Ray
             self.driver_node = ""
+        self.load_times: list[float] = []
+        self.infos: list[dict[str, Any]] = []
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        """Block until every worker has loaded its model (``wait=False`` lets the caller set up Ax
+        meanwhile, so the workers do not sit idle waiting for the first proposal)."""
+        self._poll_pending(block=True)
+        self.load_times = [s.info["load_s"] for s in self.slots if s.info]
+        self.infos = [s.info for s in self.slots if s.info]
 
     def _new_slot(self, i: int) -> _Slot:
         cfg = self.cfg
