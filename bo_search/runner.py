@@ -427,11 +427,7 @@ def run_search(
         print(f"the history already holds {done} evaluated trials (--num_trials {args.num_trials}); nothing to run")
     from bo_search.workers import parse_cluster_gpus
 
-    cluster_gpus = parse_cluster_gpus(getattr(args, "gpus", None))
-    if cluster_gpus is not None and args.gpu_list:
-        raise UserError(
-            "--gpus and --gpu_list cannot be combined: --gpus N|all counts the Ray cluster's GPUs, --gpu_list names this machine's; give one"
-        )
+    cluster_gpus = parse_cluster_gpus(getattr(args, "gpus", None), args.gpu_list)
     gpus = parse_gpus(args.gpu_list)
     from bo_search.strategy import ThompsonConfig, check_strategy
 

@@ -136,6 +136,7 @@ def placement_label(worker_id: str, placement: dict[str, Any]) -> str:
 
 @dataclass
 class _Slot:
+    index: int
     worker_id: str
     actor: Any
     busy_with: int | None = None  # trial index
@@ -199,10 +200,15 @@ def start_ray(num_cpus: int, num_gpus: int | None, address: str | None, object_s
     ray.init(**kwargs, logging_level=logging.WARNING, configure_logging=True)
 
 
-def parse_cluster_gpus(spec: str | None) -> int | str | None:
-    """``--gpus``: 'all' or a positive count."""
+def parse_cluster_gpus(spec: str | None, gpu_list: str | None = None) -> int | str | None:
+    """``--gpus``: 'all' or a positive count (never together with ``--gpu_list``)."""
     if spec is None:
         return None
+    if gpu_list:
+        raise UserError(
+            "--gpus and --gpu_list cannot be combined: --gpus N|all counts the Ray cluster's GPUs, "
+            "--gpu_list names this machine's; give one"
+        )
     if spec.strip().lower() == "all":
         return "all"
     try:
@@ -240,11 +246,6 @@ class WorkerPool:
         self.cfg = cfg
         self.node_loss_grace_s = worker_cls.node_loss_grace_s if node_loss_grace_s is None else node_loss_grace_s
         self.gpus = list(gpus or [])
-        if cluster_gpus is not None and self.gpus:
-            raise UserError(
-                "--gpus and --gpu_list cannot be combined: --gpus N|all counts the Ray cluster's GPUs, "
-                "--gpu_list names this machine's; give one"
-            )
         self.on_gpu = bool(self.gpus) or cluster_gpus is not None
         self.placement_timeout = placement_timeout
         n = len(self.gpus) if self.gpus else num_workers
@@ -301,8 +302,6 @@ class WorkerPool:
             self.driver_node = ray.get_runtime_context().get_node_id()
         except Exception:  # pragma: no cover - old Ray
             self.driver_node = ""
-        self.load_times: list[float] = []
-        self.infos: list[dict[str, Any]] = []
         if wait:
             self.wait_ready()
 
@@ -310,8 +309,15 @@ class WorkerPool:
         """Block until every worker has loaded its model (``wait=False`` lets the caller set up Ax
         meanwhile, so the workers do not sit idle waiting for the first proposal)."""
         self._poll_pending(block=True)
-        self.load_times = [s.info["load_s"] for s in self.slots if s.info]
-        self.infos = [s.info for s in self.slots if s.info]
+
+    @property
+    def infos(self) -> list[dict[str, Any]]:
+        """``info`` of every loaded worker."""
+        return [s.info for s in self.slots if s.info]
+
+    @property
+    def load_times(self) -> list[float]:
+        return [i["load_s"] for i in self.infos]
 
     def _new_slot(self, i: int) -> _Slot:
         cfg = self.cfg
@@ -326,7 +332,7 @@ class WorkerPool:
         opts["max_concurrency"] = 1
         actor: Any = self._remote.options(**opts).remote(cfg, f"w{i}", self.threads, self._trial_delay_s)
         placed_ref = actor.placed.remote()  # actor calls run in order: placed, then load
-        return _Slot(f"w{i}", actor, placed_ref=placed_ref, ready_ref=actor.load.remote())
+        return _Slot(i, f"w{i}", actor, placed_ref=placed_ref, ready_ref=actor.load.remote())
 
     def _poll_pending(self, block: bool = False) -> None:
         """Mark placed (loaded) actors ready. A replacement that cannot be placed yet stays pending."""
@@ -456,7 +462,7 @@ class WorkerPool:
             ray.kill(slot.actor)
         except Exception:  # already gone
             pass
-        fresh = self._new_slot(int(slot.worker_id[1:].split("@")[0]))
+        fresh = self._new_slot(slot.index)
         slot.actor, slot.ready_ref, slot.ready, slot.info, slot.node_id = fresh.actor, fresh.ready_ref, False, None, ""
         slot.placed_ref, slot.placed = fresh.placed_ref, False
         slot.busy_with, slot.ref = None, None
@@ -465,7 +471,7 @@ class WorkerPool:
         self.restarts += 1
         log.warning("worker %s died; requesting a replacement (it starts when the cluster has room)", slot.worker_id)
         self._respawn(slot)
-        slot.worker_id = slot.worker_id.split("@")[0]
+        slot.worker_id = f"w{slot.index}"  # until the replacement reports where it runs
 
     def has_ready(self) -> bool:
         return any(s.ready for s in self.slots)

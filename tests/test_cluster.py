@@ -29,16 +29,32 @@ def _can_unshare() -> bool:
     return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
 
 
-def test_two_node_cluster_with_ray_address(tiny_llama, tmp_path):
+def _require_unshare() -> None:
     if not _can_unshare():
         msg = "needs unshare -n (root) and ip (iproute2) to isolate the cluster's network"
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(msg + "; CI must provide them (apt-get install -y util-linux iproute2, run as root)")
         pytest.skip(msg)
-    ray_cli = str(Path(sys.executable).parent / "ray")
-    # token auth off: this throwaway cluster lives in a namespace nothing else can reach
+
+
+RAY_CLI = str(Path(sys.executable).parent / "ray")
+
+
+def _cluster_env(fast_node_death: bool = False) -> dict[str, str]:
+    """The environment of a throwaway cluster in a private network namespace: loopback only, token
+    auth off (nothing else can reach it); optionally a lost node noticed within seconds (Ray's
+    defaults: 5 missed health checks, 3 s apart)."""
     env = {**os.environ, **loopback_env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "disabled"}
+    if fast_node_death:
+        env.update({"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"})
     env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def test_two_node_cluster_with_ray_address(tiny_llama, tmp_path):
+    _require_unshare()
+    ray_cli = RAY_CLI
+    env = _cluster_env()
     space = tiny_space(tmp_path / "space.json")
     hist = tmp_path / "h.csv"
     port = 47800
@@ -75,24 +91,11 @@ def test_gpus_all_on_a_cpu_head_survives_losing_a_node(tiny_llama, tmp_path):
     """README's cluster recipe: a head without GPUs, a node declaring 2 (logical) GPUs, --gpus all.
     Midway the GPU node is killed; its in-flight trials fail as "node lost", the search waits for
     room, and a third node (1 GPU) takes a replacement worker that finishes the search."""
-    if not _can_unshare():
-        msg = "needs unshare -n (root) and ip (iproute2) to isolate the cluster's network"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg + "; CI must provide them (apt-get install -y util-linux iproute2, run as root)")
-        pytest.skip(msg)
+    _require_unshare()
     from bo_search.workers import TEST_GPU_AS_CPU_ENV, TEST_TRIAL_DELAY_ENV
 
-    ray_cli = str(Path(sys.executable).parent / "ray")
-    env = {
-        **os.environ,
-        **loopback_env(),
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
-        "RAY_AUTH_MODE": "disabled",
-        # notice the lost node within seconds (defaults: 5 missed checks, 3 s apart)
-        "RAY_health_check_period_ms": "1000",
-        "RAY_health_check_failure_threshold": "3",
-    }
-    env.pop("RAY_ADDRESS", None)
+    ray_cli = RAY_CLI
+    env = _cluster_env(fast_node_death=True)
     space = tiny_space(tmp_path / "space.json")
     hist = tmp_path / "h.csv"
     port = 47820
@@ -153,17 +156,11 @@ def test_gpus_beyond_the_cluster_and_no_room_left(tiny_llama, tmp_path):
     """--gpus larger than the cluster is a one-line error naming what it has; a search whose only
     GPU node dies, with no node to replace it, stops after --placement_timeout with a clear message
     and keeps every completed trial."""
-    if not _can_unshare():
-        msg = "needs unshare -n (root) and ip (iproute2) to isolate the cluster's network"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg + "; CI must provide them (apt-get install -y util-linux iproute2, run as root)")
-        pytest.skip(msg)
+    _require_unshare()
     from bo_search.workers import TEST_GPU_AS_CPU_ENV, TEST_TRIAL_DELAY_ENV
 
-    ray_cli = str(Path(sys.executable).parent / "ray")
-    env = {**os.environ, **loopback_env(), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_AUTH_MODE": "disabled",
-           "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}  # fmt: skip
-    env.pop("RAY_ADDRESS", None)
+    ray_cli = RAY_CLI
+    env = _cluster_env(fast_node_death=True)
     space = tiny_space(tmp_path / "space.json")
     hist = tmp_path / "h.csv"
     port = 47840
