@@ -2,7 +2,7 @@
 
 Each trial quantizes the model held by a Ray worker with a per-layer plan proposed by Ax, and
 scores its perplexity on the search split. Sizes are exact (GB = 1e9 bytes) and known before any
-evaluation: a proposal over the limit is never evaluated (see bo_search.driver).
+evaluation: a proposal over the limit is never evaluated (see bo_search.search.driver).
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from bo_search import cli, runner
+from bo_search import cli
+from bo_search.search import runner
+from bo_search.search.driver import Goal
+from bo_search.structure import Structure
 from bo_search.types import UserError
 
 DEFAULT_AVG_BITS = 4.25
@@ -42,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def size_limit(setup: runner.Setup, size_gb: float | None, avg_bits: float | None) -> float:
+def size_limit(setup: Structure, size_gb: float | None, avg_bits: float | None) -> float:
     if size_gb is not None and avg_bits is not None:
         raise UserError("give either --model_size_constraint or --avg_bits, not both")
     if size_gb is None:
@@ -69,7 +72,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from bo_search.driver import Goal
 
     setup = runner.prepare(args, "modelsize")
     limit = size_limit(setup, args.model_size_constraint, args.avg_bits)

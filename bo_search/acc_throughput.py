@@ -13,10 +13,16 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bo_search import cli, runner
+from bo_search import cli
+from bo_search.search import runner
+from bo_search.search.driver import Goal
 from bo_search.types import QuantPlan, UserError
+
+if TYPE_CHECKING:
+    from bo_search.search.workers import WorkerPool
+    from bo_search.space import SearchSpace, Slot
 
 THROUGHPUT_SPACE = runner.REPO_ROOT / "parameter_spaces" / "smollm2_135m_throughput.json"
 
@@ -73,7 +79,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from bo_search.driver import Goal
     from bo_search.throughput import layers_without_kernel
 
     value, relative = parse_limit(args.ppl_constraint)
@@ -97,7 +102,7 @@ def _main(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
 
-    def goal(pool: Any) -> Goal:
+    def goal(pool: WorkerPool) -> Goal:
         [fp] = pool.measure([QuantPlan()])
         limit = fp["ppl"] * (1 + value) if relative else value
         print(
@@ -118,7 +123,7 @@ def _main(args: argparse.Namespace) -> int:
     return runner.run_search(setup, goal, seeds, row_extra={"throughput_kind": kind})
 
 
-def _slot_settings(slot: Any, space: Any) -> list[Any]:
+def _slot_settings(slot: Slot, space: SearchSpace) -> list[Any]:
     return [space.choice_setting(b, g) for b in slot.bits.values for g in slot.group_size.values]
 
 

@@ -9,9 +9,13 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from bo_search.types import UserError
+from bo_search.space import load_initial_samples, load_space
+from bo_search.types import FULL_PRECISION, LayerQuant, QuantPlan, UserError
+
+if TYPE_CHECKING:
+    from bo_search.trial import ModelContext
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -163,9 +167,11 @@ def table(rows: Sequence[dict[str, Any]], cols: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+DEFAULT_UNIFORM = ("fp", "8:64", "4:32", "4:64", "3:64", "2:64")
+
+
 def parse_uniform(spec: str) -> Any:
     """'4:64', '4:64:sym', 'fp' or '16' -> LayerQuant."""
-    from bo_search.types import FULL_PRECISION, LayerQuant
 
     s = spec.strip().lower()
     if s in ("fp", "16", "full"):
@@ -182,12 +188,9 @@ def parse_uniform(spec: str) -> Any:
     return LayerQuant(bits, gs, sym)
 
 
-def collect_plans(args: argparse.Namespace, ctx: Any) -> list[tuple[str, Any]]:
+def collect_plans(args: argparse.Namespace, ctx: ModelContext) -> list[tuple[str, Any]]:
     """The (label, plan) pairs named by --config / --uniform / --sample (default: the standard table)."""
-    from bo_search.evaluate import DEFAULT_UNIFORM
     from bo_search.quant import uniform_plan
-    from bo_search.space import load_initial_samples, load_space
-    from bo_search.types import QuantPlan
 
     plans: list[tuple[str, Any]] = []
     for path in args.config:

@@ -12,7 +12,9 @@ import math
 import sys
 from collections.abc import Sequence
 
-from bo_search import cli, runner
+from bo_search import cli
+from bo_search.search import runner
+from bo_search.search.driver import Goal
 from bo_search.types import UserError
 
 
@@ -36,7 +38,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from bo_search.driver import Goal
 
     if args.max_ppl <= 1:
         raise UserError(f"--max_ppl must be above 1, got {args.max_ppl}")

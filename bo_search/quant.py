@@ -15,12 +15,15 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bo_search.model import LinearInfo, ModelLayers
 from bo_search.types import FULL_PRECISION, PER_CHANNEL, LayerQuant, QuantPlan, UserError, ggml_effective_type, ggml_row_bytes
+
+if TYPE_CHECKING:
+    from bo_search.space import SearchSpace
 
 _DTYPE_BITS = {torch.float32: 32, torch.float16: 16, torch.bfloat16: 16, torch.float64: 64}
 _DTYPE_BY_NAME = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -545,12 +548,12 @@ def uniform_plan(layers: ModelLayers | Iterable[str], lq: LayerQuant) -> QuantPl
     return QuantPlan.uniform(fqns, lq)
 
 
-def slot_choices(space: Any) -> list[list[tuple[int, int]]]:
+def slot_choices(space: SearchSpace) -> list[list[tuple[int, int]]]:
     """Per slot of a SearchSpace, every allowed (bits, group_size) pair."""
     return [[(b, g) for b in slot.bits.values for g in slot.group_size.values] for slot in space.slots]
 
 
-def space_size_bounds(space: Any, size_model: SizeModel) -> tuple[float, float]:
+def space_size_bounds(space: SearchSpace, size_model: SizeModel) -> tuple[float, float]:
     """Exact smallest and largest model size (GB) over all plans of a space (size is additive over slots)."""
     infos = size_model.layers.by_fqn()
     lo = hi = size_model.other_bits

@@ -60,7 +60,7 @@ not tried on a real cluster).
 test passes with Ray's default token authentication), and turning authentication off would let any
 local user drive the cluster's ports.
 
-Intended use, in the one module that imports ray (``bo_search/workers.py``)::
+Intended use, in the one module that imports ray (``bo_search/search/workers.py``)::
 
     from bo_search.ray_env import apply_loopback_env, local_init_kwargs
 

@@ -18,11 +18,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bo_search import cli
-from bo_search.types import UserError
+from bo_search.acc_modelsize import size_limit
+from bo_search.sensitivity.table import Sensitivity
+from bo_search.space import write_initial_samples
+from bo_search.types import UserError, did_you_mean
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bo_search.seeding import BUDGET_FRACTIONS, SOLVERS
+    from bo_search.sensitivity.allocate import SOLVERS
+    from bo_search.sensitivity.seeds import BUDGET_FRACTIONS
 
     p = argparse.ArgumentParser(
         prog="python -m bo_search.seed",
@@ -82,12 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from bo_search.acc_modelsize import size_limit
-    from bo_search.seeding import ACT_BITS, SOLVERS, allocate, dedupe, get_solver
-    from bo_search.sensitivity import METHODS, Sensitivity, cached_sensitivity, structure_setup
-    from bo_search.space import write_initial_samples
+    from bo_search.sensitivity.allocate import ACT_BITS, SOLVERS, get_solver
+    from bo_search.sensitivity.cache import cached_sensitivity
+    from bo_search.sensitivity.cli import structure_setup
+    from bo_search.sensitivity.compute import METHODS
+    from bo_search.sensitivity.seeds import allocate, dedupe
     from bo_search.trial import EvalConfig
-    from bo_search.types import did_you_mean
 
     solvers = list(SOLVERS) if args.solver == "both" else [args.solver]
     for s in solvers:

@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 
-from bo_search.types import QuantPlan, TrialResult, UserError
+from bo_search.gguf_file import ggml_other_bits
+from bo_search.model import discover_layers, load_model
+from bo_search.types import QuantPlan, TrialResult, UserError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +63,6 @@ class EvalConfig:
 
             check_throughput_model(self.throughput_model)
         if self.compute_dtype not in COMPUTE_DTYPES:
-            from bo_search.types import did_you_mean
-
             raise did_you_mean(self.compute_dtype, COMPUTE_DTYPES, "--compute_dtype")
         if self.decode_tokens <= 0 or self.prompt_tokens <= 0 or self.decode_repeats <= 0:
             raise UserError("--decode_tokens, --prompt_tokens and --decode_repeats must be positive")
@@ -92,7 +92,6 @@ class ModelContext:
 
     def __init__(self, cfg: EvalConfig, heldout: bool = True):
         from bo_search.data import load_corpus, split_windows
-        from bo_search.model import discover_layers, load_model
         from bo_search.quant import PlanApplier, QuantScheme, SizeModel
 
         self.cfg = cfg
@@ -103,7 +102,6 @@ class ModelContext:
         self.layers = discover_layers(self.model, include_lm_head=cfg.include_lm_head)
         self.scheme = QuantScheme(scale_dtype=cfg.scale_dtype, zero_bits=cfg.zero_bits, mse_clip=cfg.mse_clip)
         self.applier = PlanApplier(self.model, self.layers, self.scheme, keep_on="cpu" if cfg.device.startswith("cuda") else None)
-        from bo_search.gguf_export import ggml_other_bits
 
         self.size_model = SizeModel(
             self.model,
@@ -125,7 +123,7 @@ class ModelContext:
         """(Throughput, Perplexity) of a plan per ``cfg.throughput_model``. Measured: on the model with
         real torchao kernels, perplexity measured on that same model. Predicted: from bytes read per
         token; the perplexity is the fake-quant one (numerically identical to torchao's Intx layers)."""
-        from bo_search.evaluate import perplexity
+        from bo_search.metrics import perplexity
         from bo_search.throughput import BytesModel, RealKernels, measure_bandwidth, measure_decode
 
         if self.cfg.throughput_model == "predicted":
@@ -165,7 +163,7 @@ class ModelContext:
 
     def measure(self, plan: QuantPlan, heldout: bool = False) -> dict[str, Any]:
         """Size and perplexity of one plan (model restored afterwards)."""
-        from bo_search.evaluate import perplexity
+        from bo_search.metrics import perplexity
 
         size = self.size_model.report(plan)
         t0 = time.perf_counter()
@@ -199,7 +197,7 @@ class ModelContext:
         The model is left holding this plan (restoring is deferred: the next trial rewrites only the
         layers whose setting changes, which is what makes per-trial quantization cheap).
         """
-        from bo_search.evaluate import perplexity
+        from bo_search.metrics import perplexity
 
         t0 = time.perf_counter()
         quantize_s = evaluate_s = 0.0

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from bo_search.evaluate import perplexity
+from bo_search.metrics import perplexity
 from bo_search.trial import EvalConfig, ModelContext
 
 

@@ -12,7 +12,7 @@ import random
 import statistics
 import time
 
-from bo_search.evaluate import perplexity
+from bo_search.metrics import perplexity
 from bo_search.quant import PlanApplier, QuantScheme, uniform_plan
 from bo_search.trial import EvalConfig, ModelContext
 from bo_search.types import LayerQuant, QuantPlan

@@ -48,8 +48,8 @@ def main() -> None:
     p.add_argument("--json", default=None)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    from bo_search.evaluate import perplexity
-    from bo_search.history import read_history
+    from bo_search.metrics import perplexity
+    from bo_search.search.history import read_history
     from bo_search.trial import EvalConfig, ModelContext
 
     ctx = ModelContext(EvalConfig(eval_tokens=a.eval_tokens, heldout_tokens=a.heldout_tokens, max_seqlen=512))

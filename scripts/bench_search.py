@@ -36,13 +36,13 @@ from typing import Any
 import torch
 
 from bo_search.budget import SlotSizes, random_feasible
-from bo_search.evaluate import perplexity
-from bo_search.history import read_history
-from bo_search.runner import EMBEDDED_SPACE
+from bo_search.metrics import perplexity
+from bo_search.search.history import read_history
+from bo_search.search.runner import EMBEDDED_SPACE
+from bo_search.search.workers import default_threads
 from bo_search.space import load_space
 from bo_search.trial import EvalConfig, ModelContext
 from bo_search.types import QuantPlan
-from bo_search.workers import default_threads
 
 
 def parse() -> argparse.Namespace:
@@ -161,7 +161,8 @@ OWN_SOURCES = ("thompson", "bo", "sobol", "repaired", "random")
 
 def seed_history(b: Bench) -> tuple[Path, int]:
     """The auto seeds evaluated once (deterministic), copied as the start of every seeded run."""
-    from bo_search import acc_modelsize, runner
+    from bo_search import acc_modelsize
+    from bo_search.search import runner
 
     args = acc_modelsize.build_parser().parse_args(
         ["--avg_bits", str(b.args.avg_bits), "--parameters_list", str(b.space_path), "--history_output", os.devnull]
@@ -214,8 +215,8 @@ def run_search(b: Bench, arm: str, seed: int, trials: int, workers: int = 1) -> 
 def calibration(b: Bench, completed: list[Any], n_seeds: int) -> list[tuple[float, float, float]]:
     """(predicted mean, predicted sd, measured) NLL of each trial after the seeds, from the
     Thompson model fitted on the trials before it (so on trials it had not yet seen)."""
-    from bo_search.sensitivity import cached_sensitivity
-    from bo_search.strategy import Posterior, ThompsonConfig, build_problem
+    from bo_search.search.thompson import Posterior, ThompsonConfig, build_problem
+    from bo_search.sensitivity.cache import cached_sensitivity
 
     sens, _, _ = cached_sensitivity(b.ctx.cfg, b.ctx.ref, b.ctx.layers, b.space, "fit")
     problem = build_problem(b.space, b.sizes, sens.slot_costs(b.space))
@@ -291,8 +292,8 @@ def main() -> None:
             )
             print(f"random seed {s}: held-out {results['random'][-1]['heldout']:.3f}", flush=True)
     if "greedy" in arms or "exact" in arms:
-        from bo_search.seeding import allocate
-        from bo_search.sensitivity import cached_sensitivity
+        from bo_search.sensitivity.cache import cached_sensitivity
+        from bo_search.sensitivity.seeds import allocate
 
         t0 = time.perf_counter()
         sens, _, hit = cached_sensitivity(b.ctx.cfg, b.ctx.ref, b.ctx.layers, b.space, "fit")

@@ -51,9 +51,10 @@ def main() -> int:
 
     from bo_search import cli
     from bo_search.budget import SlotSizes, random_feasible
-    from bo_search.evaluate import window_nll
-    from bo_search.seeding import allocate
-    from bo_search.sensitivity import Sensitivity, correlations, structure_setup
+    from bo_search.metrics import window_nll
+    from bo_search.sensitivity.cli import correlations, structure_setup
+    from bo_search.sensitivity.seeds import allocate
+    from bo_search.sensitivity.table import Sensitivity
     from bo_search.trial import EvalConfig, ModelContext
     from bo_search.types import QuantPlan
 

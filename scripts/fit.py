@@ -17,6 +17,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 if __name__ == "__main__":
-    from bo_search.sensitivity import original_tool_main
+    from bo_search.sensitivity.cli import original_tool_main
 
     sys.exit(original_tool_main("fit", "scripts/fit.py", __doc__.splitlines()[0], sys.argv[1:]))

@@ -42,7 +42,7 @@ def test_bench_search_quick(tmp_path):
         assert needle in report, needle
     assert (out / "best_so_far.png").stat().st_size > 10_000
     # every evaluated plan of the seeded search fitted the budget
-    from bo_search.history import read_history
+    from bo_search.search.history import read_history
 
     [hist] = out.glob("ts_seeded_*.csv")
     rows = [x for x in read_history(hist).rows if x.status == "completed"]

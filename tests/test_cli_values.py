@@ -9,7 +9,7 @@ import sys
 
 from test_search import base_args, tiny_space
 
-from bo_search.history import read_history
+from bo_search.search.history import read_history
 
 
 def _run(module, args, timeout=600):

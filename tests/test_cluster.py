@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from test_search import base_args, tiny_space
 
-from bo_search.history import read_history
 from bo_search.ray_env import loopback_env
+from bo_search.search.history import read_history
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +92,7 @@ def test_gpus_all_on_a_cpu_head_survives_losing_a_node(tiny_llama, tmp_path):
     Midway the GPU node is killed; its in-flight trials fail as "node lost", the search waits for
     room, and a third node (1 GPU) takes a replacement worker that finishes the search."""
     _require_unshare()
-    from bo_search.workers import TEST_GPU_AS_CPU_ENV, TEST_TRIAL_DELAY_ENV
+    from bo_search.search.workers import TEST_GPU_AS_CPU_ENV, TEST_TRIAL_DELAY_ENV
 
     ray_cli = RAY_CLI
     env = _cluster_env(fast_node_death=True)
@@ -157,7 +157,7 @@ def test_gpus_beyond_the_cluster_and_no_room_left(tiny_llama, tmp_path):
     GPU node dies, with no node to replace it, stops after --placement_timeout with a clear message
     and keeps every completed trial."""
     _require_unshare()
-    from bo_search.workers import TEST_GPU_AS_CPU_ENV, TEST_TRIAL_DELAY_ENV
+    from bo_search.search.workers import TEST_GPU_AS_CPU_ENV, TEST_TRIAL_DELAY_ENV
 
     ray_cli = RAY_CLI
     env = _cluster_env(fast_node_death=True)

@@ -9,13 +9,14 @@ import sys
 import pytest
 
 from bo_search.budget import SlotSizes
-from bo_search.driver import AxDriver, DriverConfig, Goal, attach_history
-from bo_search.history import HistoryRow
 from bo_search.model import discover_layers, load_structure
 from bo_search.quant import SizeModel
-from bo_search.seeding import total_bits_limit
+from bo_search.search.driver import AxDriver, Goal, attach_history
+from bo_search.search.history import HistoryRow
+from bo_search.search.strategies import DriverConfig
+from bo_search.search.thompson import Acquisition, Posterior, ThompsonConfig, build_problem, make_thompson_node
+from bo_search.sensitivity.allocate import total_bits_limit
 from bo_search.space import build_space
-from bo_search.strategy import Acquisition, Posterior, ThompsonConfig, build_problem, make_thompson_node
 
 SPEC = {
     "parameters": [
@@ -90,7 +91,8 @@ def test_resume_replays_every_status_and_rebuilds_the_same_posterior(setup):
 def test_prior_from_another_model_or_space_is_one_line_exit_2(tiny_llama, tiny_ctx, tmp_path):
     from test_search import base_args, tiny_space
 
-    from bo_search.sensitivity import SensitivityConfig, compute
+    from bo_search.sensitivity.compute import compute
+    from bo_search.sensitivity.table import SensitivityConfig
 
     space_path = tiny_space(tmp_path / "space.json")
     from bo_search.space import load_space

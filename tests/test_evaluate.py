@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bo_search.data import make_windows
-from bo_search.evaluate import lm_eval_token_perplexity, perplexity, window_nll
+from bo_search.metrics import lm_eval_token_perplexity, perplexity, window_nll
 
 
 def test_perplexity_matches_explicit_loop(tiny_ctx):
@@ -48,7 +48,7 @@ def test_lm_eval_local_task_and_unknown_task(tiny_ctx):
     import math
     import re
 
-    from bo_search.evaluate import lm_eval_tasks, perplexity, windows_as_documents
+    from bo_search.metrics import lm_eval_tasks, perplexity, windows_as_documents
     from bo_search.types import UserError
 
     res = lm_eval_tasks(tiny_ctx.model, tiny_ctx.tok, ["bo_search_text"], tiny_ctx.search_windows)["bo_search_text"]

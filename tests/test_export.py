@@ -6,7 +6,8 @@ import re
 import pytest
 import torch
 
-from bo_search.export import (
+from bo_search.quant import fake_quantize
+from bo_search.report.export import (
     GgufTensorType,
     bits_per_weight,
     gguf_tensor_types,
@@ -18,7 +19,6 @@ from bo_search.export import (
     save_checkpoint,
     torchao_document,
 )
-from bo_search.quant import fake_quantize
 from bo_search.types import FULL_PRECISION, LayerQuant, QuantPlan, UserError
 
 
@@ -53,7 +53,7 @@ def test_torchao_export_applies_with_quantize_and_matches_fake_quant(tiny_ctx, t
     path.write_text(json.dumps(doc))
     tiny_ctx.safe_restore()
     model = copy.deepcopy(tiny_ctx.model)
-    # the README lines, verbatim
+    # the lines docs/report.md gives, verbatim
     quantize_(model, config_from_dict(json.load(open(path))["torchao"]), filter_fn=None)
     modules = dict(model.named_modules())
     for li in tiny_ctx.layers.linears:
@@ -156,7 +156,7 @@ def test_gguf_names_for_other_architectures():
 
 
 def test_checkpoint_round_trip_tiny(tiny_ctx, tmp_path):
-    from bo_search.evaluate import perplexity
+    from bo_search.metrics import perplexity
 
     plan = mixed_plan(tiny_ctx)
     out = save_checkpoint(tiny_ctx, plan, tmp_path / "ckpt", {"trial_index": 4})
@@ -181,7 +181,7 @@ def test_load_quantized_rejects_other_directories(tiny_llama, tmp_path):
 @pytest.mark.slow
 def test_checkpoint_round_trip_embedded_model(real_ctx, tmp_path):
     """The exported checkpoint of a mixed plan reproduces the plan's held-out perplexity (within 0.5%)."""
-    from bo_search.evaluate import perplexity
+    from bo_search.metrics import perplexity
 
     plan = QuantPlan(
         {

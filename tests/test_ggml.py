@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bo_search import ggml
-from bo_search.history import read_history
+from bo_search.search.history import read_history
 from bo_search.types import GGML_TYPE_NAMES, GGML_TYPES, LayerQuant, QuantPlan, UserError, ggml_effective_type, ggml_row_bytes
 
 BLOCK32 = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
@@ -131,7 +131,7 @@ def test_ggml_space_encodes_decodes_and_rejects_bad_types(tiny_llama, tmp_path):
 
 
 def test_shipped_ggml_spaces_load_on_the_embedded_model():
-    from bo_search.gguf_export import ggml_other_bits
+    from bo_search.gguf_file import ggml_other_bits
     from bo_search.model import discover_layers, load_structure
     from bo_search.quant import SizeModel
     from bo_search.space import load_space
@@ -153,7 +153,7 @@ def test_searched_ggml_plan_exports_a_gguf_transformers_reads_with_the_same_perp
     """A short search on the ggml space, report --gguf, then transformers' own GGUF loader."""
     from transformers import AutoModelForCausalLM
 
-    from bo_search.evaluate import perplexity
+    from bo_search.metrics import perplexity
     from bo_search.model import embedded_gguf_path
     from bo_search.trial import EvalConfig, ModelContext
 
@@ -218,7 +218,7 @@ def test_every_search_runs_on_a_ggml_space_and_gguf_export_needs_a_gguf_checkpoi
     assert not out.exists() and not (tmp_path / "m_report").exists()
     # a plan in bits and group sizes cannot be written as GGUF
     with pytest.raises(UserError, match="needs a plan in llama.cpp types"):
-        from bo_search.gguf_export import check_gguf_plan
+        from bo_search.report.gguf import check_gguf_plan
 
         check_gguf_plan(QuantPlan({"a": LayerQuant(4, 32)}))
     # and a ggml plan is not silently written in the affine packed format

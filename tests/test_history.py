@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bo_search.history import COLUMNS, FORMAT_VERSION, HistoryLock, HistoryRow, HistoryWriter, read_history
+from bo_search.search.history import COLUMNS, FORMAT_VERSION, HistoryLock, HistoryRow, HistoryWriter, read_history
 from bo_search.types import LayerQuant, QuantPlan, UserError
 
 
@@ -92,7 +92,7 @@ def test_one_writer_per_history(tmp_path):
         [
             sys.executable,
             "-c",
-            f"from bo_search.history import HistoryLock; import time; HistoryLock({str(h)!r}).acquire(); print('ok', flush=True); time.sleep(60)",
+            f"from bo_search.search.history import HistoryLock; import time; HistoryLock({str(h)!r}).acquire(); print('ok', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,
         text=True,

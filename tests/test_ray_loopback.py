@@ -46,7 +46,7 @@ import types
 from bo_search.ray_env import apply_loopback_env, local_init_kwargs
 
 if sys.argv[1] == "apply":
-    apply_loopback_env()  # before `import ray`, as bo_search.workers does
+    apply_loopback_env()  # before `import ray`, as bo_search.search.workers does
 
 import ray
 

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from bo_search.history import HistoryRow, HistoryWriter, pareto_front, read_history
-from bo_search.report import ReportOptions, build_report, hypervolume_2d, main, search_timing
+from bo_search.report.analysis import ReportOptions, hypervolume_2d, search_timing
+from bo_search.report.build import build_report
+from bo_search.report.cli import main
+from bo_search.search.history import HistoryRow, HistoryWriter, pareto_front, read_history
 from bo_search.types import LayerQuant, QuantPlan
 
 T0 = 1.8e9
@@ -285,7 +287,7 @@ def test_partially_corrupt_history_renders_and_lists_skipped(synth, tiny_llama, 
     ],
 )
 def test_bad_history_one_line_exit_2(tmp_path, capsys, content, message):
-    from bo_search.history import COLUMNS
+    from bo_search.search.history import COLUMNS
 
     p = tmp_path / "h.csv"
     p.write_text(",".join(COLUMNS) + "\n" if content is None else content)
@@ -333,8 +335,8 @@ def test_other_model_exit_2(synth, tmp_path, capsys):
 def test_report_on_real_search(tiny_llama, tmp_path):
     from test_search import base_args, run_cli, tiny_space
 
-    from bo_search.evaluate import perplexity
-    from bo_search.export import load_quantized
+    from bo_search.metrics import perplexity
+    from bo_search.report.export import load_quantized
     from bo_search.trial import EvalConfig, ModelContext
 
     space = tiny_space(tmp_path / "space.json")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bo_search.history import read_history
+from bo_search.search.history import read_history
 
 pytestmark = pytest.mark.slow
 

@@ -14,21 +14,11 @@ import torch.nn.functional as F
 
 from bo_search.data import split_windows
 from bo_search.quant import fake_quantize
-from bo_search.sensitivity import (
-    STOP_RULES,
-    Sensitivity,
-    SensitivityConfig,
-    _eager_attention,
-    _grad_on,
-    choice_key,
-    compute,
-    fisher_diagonal,
-    hutchinson_sample,
-    hutchinson_traces,
-    measured_costs,
-    sample_labels,
-    window_loss,
-)
+from bo_search.sensitivity.compute import compute
+from bo_search.sensitivity.fit import _eager_attention, _grad_on, fisher_diagonal, sample_labels, window_loss
+from bo_search.sensitivity.hessian import hutchinson_sample, hutchinson_traces
+from bo_search.sensitivity.measured import measured_costs
+from bo_search.sensitivity.table import STOP_RULES, Sensitivity, SensitivityConfig, choice_key
 from bo_search.space import build_space, default_space_spec
 from bo_search.types import LayerQuant, UserError
 
@@ -194,7 +184,7 @@ def test_hutchinson_stops_at_max_iter_and_reports_error(tiny_ctx):
 def test_hutchinson_rank_rule_stops_when_the_ranking_is_stable():
     """The default rule stops once the layers' ranking is reliable (odd vs even iterations) or the
     total is tight, long before every single layer's error is small; it does not stop on noise."""
-    from bo_search.sensitivity import hutchinson_should_stop
+    from bo_search.sensitivity.hessian import hutchinson_should_stop
 
     gen = torch.Generator().manual_seed(0)
     traces = torch.logspace(0, 3, 50, dtype=torch.float64)  # layers whose traces span 3 decades
@@ -228,7 +218,7 @@ def test_measured_replay_equals_full_forwards(tiny_ctx):
             assert kl_r[u][k] == pytest.approx(kl_f[u][k], abs=1e-6)
         assert kl_r[u]["2:32"] > 10 * kl_r[u]["8:64"] > 0
     # by hand for block 1 at 2:32: quantize, evaluate, restore
-    from bo_search.evaluate import perplexity
+    from bo_search.metrics import perplexity
     from bo_search.types import QuantPlan
 
     ctx.applier.apply(QuantPlan({f: LayerQuant(2, 32) for f in units["model.layers.1"]}))
@@ -331,7 +321,7 @@ def test_bad_input_is_one_line_exit_2(tiny_llama, tmp_path, module, extra, messa
 def _fake_sensitivity_file(tiny_llama, tmp_path):
     """A FIT-shaped table for the tiny model's default space, without running the model."""
     from bo_search.model import discover_layers, load_structure, resolve_checkpoint
-    from bo_search.sensitivity import layer_choices
+    from bo_search.sensitivity.table import layer_choices
 
     model, ref = load_structure(str(tiny_llama))
     layers = discover_layers(model)
@@ -352,8 +342,11 @@ def _fake_sensitivity_file(tiny_llama, tmp_path):
 
 
 def test_auto_seeds_compute_once_then_reuse_the_cache(tiny_llama, tmp_path, monkeypatch):
-    from bo_search import runner, seeding
-    from bo_search.sensitivity import DEFAULT_NSAMPLES, cached_sensitivity, structure_setup
+    from bo_search.search import runner
+    from bo_search.sensitivity import seeds as seeding
+    from bo_search.sensitivity.cache import cached_sensitivity
+    from bo_search.sensitivity.cli import structure_setup
+    from bo_search.sensitivity.table import DEFAULT_NSAMPLES
 
     monkeypatch.setenv("BO_SEARCH_CACHE", str(tmp_path / "cache"))
     args = argparse.Namespace(
@@ -393,9 +386,9 @@ def test_fit_on_real_model_is_cheap_and_its_allocation_is_sane(real_ctx):
     import random
 
     from bo_search.budget import SlotSizes, random_feasible
-    from bo_search.evaluate import perplexity
-    from bo_search.runner import EMBEDDED_SPACE
-    from bo_search.seeding import allocate
+    from bo_search.metrics import perplexity
+    from bo_search.search.runner import EMBEDDED_SPACE
+    from bo_search.sensitivity.seeds import allocate
     from bo_search.space import load_space
 
     ctx = real_ctx

@@ -98,7 +98,7 @@ def llama3_8b_sizes(tmp_path):
 
 
 def test_llama3_8b_sizes_on_the_meta_device(tmp_path):
-    """The table in README ("Llama-3-8B"): our GB next to the original tool's GiB."""
+    """The table in docs/size-accounting.md ("Llama-3-8B"): our GB next to the original tool's GiB."""
     from bo_search.quant import space_size_bounds
 
     sm, space = llama3_8b_sizes(tmp_path)

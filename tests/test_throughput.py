@@ -26,7 +26,7 @@ def test_bytes_model_orders_plans(tiny_ctx):
 
 
 def test_real_kernels_cpu_equal_fake_quant_and_restore(tiny_ctx):
-    from bo_search.evaluate import perplexity
+    from bo_search.metrics import perplexity
 
     ctx = tiny_ctx
     plan = QuantPlan({li.fqn: (LayerQuant(4, 32) if i % 2 else LayerQuant(8, -1)) for i, li in enumerate(ctx.layers.linears)})
@@ -76,7 +76,7 @@ def test_kernel_availability():
 def test_throughput_search_predicted_csv_and_resume(tiny_llama, tmp_path):
     from test_search import base_args, run_cli, tiny_space
 
-    from bo_search.history import read_history
+    from bo_search.search.history import read_history
 
     space = tiny_space(tmp_path / "space.json")
     hist = tmp_path / "t.csv"
@@ -110,7 +110,7 @@ def test_ppl_limit_below_full_precision_is_refused(tiny_llama, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_real_kernels_timed_model_ppl_matches(tmp_path):
-    from bo_search.evaluate import perplexity
+    from bo_search.metrics import perplexity
     from bo_search.trial import EvalConfig, ModelContext
 
     ctx = ModelContext(EvalConfig(device="cuda:0", eval_tokens=1024, heldout_tokens=0, throughput_model="measured"))

@@ -8,9 +8,9 @@ import time
 import pytest
 
 from bo_search.quant import uniform_plan
+from bo_search.search.workers import TrialWorker, WorkerPool
 from bo_search.trial import EvalConfig
 from bo_search.types import LayerQuant
-from bo_search.workers import TrialWorker, WorkerPool
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +46,7 @@ class AlwaysFails(TrialWorker):
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    from bo_search.workers import start_ray
+    from bo_search.search.workers import start_ray
 
     start_ray(num_cpus=2, num_gpus=0, address=None, object_store_mb=128)
     import ray
@@ -128,10 +128,10 @@ def _search_args(tiny_llama, tmp_path, n):
 
 
 def test_search_goes_on_after_failures(ray_cluster, tiny_llama, tmp_path):
-    from bo_search import runner
     from bo_search.acc_modelsize import size_limit
-    from bo_search.driver import Goal
-    from bo_search.history import read_history
+    from bo_search.search import runner
+    from bo_search.search.driver import Goal
+    from bo_search.search.history import read_history
 
     args = _search_args(tiny_llama, tmp_path, 6)
     args.max_failure_rate = 0.9
@@ -149,10 +149,10 @@ def test_search_goes_on_after_failures(ray_cluster, tiny_llama, tmp_path):
 
 
 def test_max_failure_rate_stops_search(ray_cluster, tiny_llama, tmp_path, capsys):
-    from bo_search import runner
     from bo_search.acc_modelsize import size_limit
-    from bo_search.driver import Goal
-    from bo_search.history import read_history
+    from bo_search.search import runner
+    from bo_search.search.driver import Goal
+    from bo_search.search.history import read_history
 
     args = _search_args(tiny_llama, tmp_path, 20)
     setup = runner.prepare(args, "modelsize")

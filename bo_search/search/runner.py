@@ -4,23 +4,38 @@ history and resume, seeds, workers, the Ax driver, the final summary."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bo_search import cli
-from bo_search.types import QuantPlan, UserError
+from bo_search import cli, structure
+from bo_search.search.driver import AxDriver, Search, SearchStopped, attach_history
+from bo_search.search.history import COLUMNS, HistoryLock, HistoryRow, HistoryWriter, pareto_front, read_history
+from bo_search.search.strategies import DriverConfig, check_strategy
+from bo_search.sensitivity.table import Sensitivity
+from bo_search.space import load_initial_samples, resolve_encoding
+from bo_search.structure import Structure, load_structure
+from bo_search.types import UserError
+
+if TYPE_CHECKING:
+    from bo_search.quant import SizeModel
+    from bo_search.search.driver import Goal, SearchStats
+    from bo_search.search.history import HistoryLock
+    from bo_search.search.workers import WorkerPool
+    from bo_search.sensitivity.table import Sensitivity
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-EMBEDDED_SPACE = REPO_ROOT / "parameter_spaces" / "smollm2_135m_per_block.json"
+REPO_ROOT = structure.REPO_ROOT  # kept for the entry points and scripts that name shipped files
+EMBEDDED_SPACE = structure.EMBEDDED_SPACE
 
 
 def add_search_args(p: argparse.ArgumentParser, default_history: str, default_seeds: str = "uniform") -> None:
@@ -157,44 +172,21 @@ def add_search_args(p: argparse.ArgumentParser, default_history: str, default_se
 
 
 @dataclass
-class Setup:
-    """What the driver process knows: the model structure, the space, sizes, history."""
+class Setup(Structure):
+    """What the driver process knows: the structure, space and sizes, plus the history."""
 
-    args: argparse.Namespace
-    eval_cfg: Any
-    layers: Any
-    space: Any
-    size_model: Any
-    ref: Any
-    history_path: Path
-    history_rows: list[Any]
-    min_gb: float
-    max_gb: float
-    fp_gb: float
+    args: argparse.Namespace = field(default_factory=argparse.Namespace)
+    history_path: Path = Path()
+    history_rows: list[HistoryRow] = field(default_factory=list)
     #: sensitivity tables computed in this process, by method (auto seeds and the prior share one)
-    tables: dict[str, Any] = field(default_factory=dict)
-    lock: Any = None
-
-
-def resolve_space(parameters_list: str | None, layers: Any, ref: Any) -> Any:
-    """``--parameters_list``, else the shipped space of the embedded model, else one (bits, group) per block."""
-    from bo_search.space import build_space, default_space_spec, load_space
-
-    if parameters_list:
-        return load_space(parameters_list, layers)
-    if ref.hf_dir is None and ref.gguf is not None and ref.name.startswith("embedded") and EMBEDDED_SPACE.is_file():
-        return load_space(EMBEDDED_SPACE, layers)
-    return build_space(default_space_spec(layers), layers, "<default per-block space>")
+    tables: dict[str, Sensitivity] = field(default_factory=dict)
+    lock: HistoryLock | None = None
 
 
 def prepare(args: argparse.Namespace, search: str, take_lock: bool = True) -> Setup:
     """Flags -> model structure, space, sizes and the history (read, checked; a torn last row set
     aside). ``take_lock``: this process is the history's writer (a search); False for commands that
     only need the structure."""
-    from bo_search.history import read_history
-    from bo_search.model import discover_layers, load_structure
-    from bo_search.quant import QuantScheme, SizeModel, space_size_bounds
-    from bo_search.trial import EvalConfig
 
     if args.num_trials < 1:
         raise UserError(f"--num_trials must be at least 1, got {args.num_trials}")
@@ -202,41 +194,14 @@ def prepare(args: argparse.Namespace, search: str, take_lock: bool = True) -> Se
         raise UserError(f"--max_failure_rate must be in (0, 1], got {args.max_failure_rate}")
     if getattr(args, "placement_timeout", 1.0) <= 0:
         raise UserError(f"--placement_timeout must be positive (seconds), got {args.placement_timeout:g}")
-    eval_cfg = EvalConfig.from_args(args)
-    model, ref = load_structure(args.checkpoint)
-    layers = discover_layers(model, include_lm_head=args.include_lm_head)
-    space = resolve_space(args.parameters_list, layers, ref)
-    in_space = {f for slot in space.slots for f in slot.fqns}
-    outside = [li.fqn for li in layers.linears if li.block < 0 and li.fqn not in in_space]
-    if outside:
-        raise UserError(
-            f"--include_lm_head: the parameter space has no setting for {outside[0]} (spaces choose settings per decoder block), "
-            "so it would stay unquantized and only be untied; leave out --include_lm_head (evaluate --uniform does quantize it)"
-        )
-    scheme = QuantScheme(scale_dtype=args.scale_dtype, zero_bits=args.zero_bits, mse_clip=args.mse_clip)
-    from bo_search.gguf_export import ggml_other_bits
-
-    if space.is_ggml:
-        import dataclasses
-
-        eval_cfg = dataclasses.replace(eval_cfg, ggml_sizes=True)
-    size_model = SizeModel(
-        model,
-        layers,
-        scheme,
-        args.fp_dtype or ref.storage_dtype,
-        stored_other_bits=ggml_other_bits(space.is_ggml, ref, layers),
-    )
-    lo, hi = space_size_bounds(space, size_model)
-    fp = size_model.report(QuantPlan()).gb
+    st = load_structure(args)
+    space, ref = st.space, st.ref
     history_path = Path(args.history_output).expanduser()
     lock = None
     if take_lock:
-        from bo_search.history import HistoryLock
-
         cli.check_output_path(history_path)
         lock = HistoryLock(history_path).acquire()  # one writer per history; released at exit
-    rows: list[Any] = []
+    rows: list[HistoryRow] = []
     if history_path.exists() and history_path.stat().st_size > 0:
         rows = read_history(history_path, strict=True, repair_tail=take_lock).rows
         for r in rows:
@@ -251,13 +216,14 @@ def prepare(args: argparse.Namespace, search: str, take_lock: bool = True) -> Se
             if r.search and r.search != search:
                 raise UserError(f"history {history_path} holds a {r.search} search, not {search}; use a new --history_output")
             space.encode(r.plan)  # raises if the plan is not expressible in this space
-        check_history_sizes(history_path, rows, size_model)
+        check_history_sizes(history_path, rows, st.size_model)
     elif args.resume:
         raise UserError(f"--resume: history {history_path} does not exist or is empty")
-    return Setup(args, eval_cfg, layers, space, size_model, ref, history_path, rows, lo, hi, fp, lock=lock)
+    fields = {f.name: getattr(st, f.name) for f in dataclasses.fields(Structure)}
+    return Setup(**fields, args=args, history_path=history_path, history_rows=rows, lock=lock)
 
 
-def check_history_sizes(path: Path, rows: list[Any], size_model: Any) -> None:
+def check_history_sizes(path: Path, rows: list[Any], size_model: SizeModel) -> None:
     """Every recorded size must be what the current accounting gives its plan: a history written
     under another storage dtype (before sizes followed the checkpoint's dtype) or other
     --fp_dtype/--zero_bits/--scale_dtype is refused, never rewritten."""
@@ -273,13 +239,13 @@ def check_history_sizes(path: Path, rows: list[Any], size_model: Any) -> None:
             )
 
 
-def goal_text(goal: Any) -> str:
+def goal_text(goal: Goal) -> str:
     if goal.multi:
         return f"pareto {goal.objective}"
     return f"{'min' if goal.minimize else 'max'} {goal.objective} s.t. {goal.constraint_metric} <= limit"
 
 
-def check_history_limit(setup: Setup, goal: Any) -> None:
+def check_history_limit(setup: Setup, goal: Goal) -> None:
     """A history continues under the goal and limit it was written with, unless --change_limit."""
     for r in reversed(setup.history_rows):
         if r.limit is None or not r.limit_metric:
@@ -313,8 +279,8 @@ def parse_gpus(spec: str | None) -> list[int]:
 def fit_table(setup: Setup) -> Any:
     """FIT on the calibration split for this model and space: computed in this process once (then
     cached on disk, see sensitivity.cached_sensitivity)."""
-    from bo_search.seeding import AUTO_METHOD
-    from bo_search.sensitivity import cached_sensitivity
+    from bo_search.sensitivity.cache import cached_sensitivity
+    from bo_search.sensitivity.seeds import AUTO_METHOD
 
     if AUTO_METHOD not in setup.tables:
         t0 = time.perf_counter()
@@ -330,7 +296,6 @@ def fit_table(setup: Setup) -> Any:
 
 def resolve_prior(setup: Setup) -> Any:
     """The Sensitivity table the thompson strategy's prior is centred on, or None (flat)."""
-    from bo_search.sensitivity import Sensitivity
 
     args = setup.args
     spec = getattr(args, "prior", "auto")
@@ -354,12 +319,12 @@ def resolve_prior(setup: Setup) -> Any:
     return sens
 
 
-def thompson_node(setup: Setup, goal: Any, prior: Any, encoding: str) -> Any:
+def thompson_node(setup: Setup, goal: Goal, prior: Any, encoding: str) -> Any:
     """The Thompson generation node for ``goal``: budget = the size limit (bits left for the space's
     slots), the perplexity limit (NLL), or a sweep of budgets (Pareto)."""
     from bo_search.budget import SlotSizes
-    from bo_search.seeding import total_bits_limit
-    from bo_search.strategy import Acquisition, ThompsonConfig, build_problem, make_thompson_node
+    from bo_search.search.thompson import Acquisition, ThompsonConfig, build_problem, make_thompson_node
+    from bo_search.sensitivity.allocate import total_bits_limit
 
     args = setup.args
     cfg = ThompsonConfig(rel_sd=args.ts_prior_sd, temper=args.ts_temper, seed=args.seed)
@@ -375,16 +340,15 @@ def thompson_node(setup: Setup, goal: Any, prior: Any, encoding: str) -> Any:
 
 
 def seeds_for(setup: Setup, spec: str, limit_gb: float) -> list[dict[str, int]]:
-    from bo_search.space import load_initial_samples
 
     if spec in ("none", ""):
         return []
     if spec == "uniform":
-        from bo_search.seeding import uniform_seeds
+        from bo_search.sensitivity.seeds import uniform_seeds
 
         return uniform_seeds(setup.space, setup.size_model, limit_gb)
     if spec == "auto":
-        from bo_search.seeding import auto_seeds
+        from bo_search.sensitivity.seeds import auto_seeds
 
         return auto_seeds(setup, limit_gb, fit_table(setup))
     return load_initial_samples(spec, setup.space)
@@ -401,7 +365,7 @@ def ladder_seeds(setup: Setup) -> list[dict[str, int]]:
 
 def run_search(
     setup: Setup,
-    goal: Any,
+    goal: Goal | Callable[[WorkerPool], Goal],
     seeds: list[dict[str, int]],
     metrics_to_row: Any = None,
     worker_cls: Any = None,
@@ -413,10 +377,7 @@ def run_search(
     perplexity limit relative to full precision)."""
     import torch
 
-    from bo_search.driver import AxDriver, DriverConfig, Search, SearchStopped, attach_history
-    from bo_search.history import HistoryWriter
-    from bo_search.space import resolve_encoding
-    from bo_search.workers import TrialWorker, WorkerPool
+    from bo_search.search.workers import TrialWorker, WorkerPool
 
     args = setup.args
     torch.set_num_threads(1)  # the driver's Ax work must not fight the workers for cores
@@ -425,11 +386,11 @@ def run_search(
         print(f"resuming {setup.history_path}: {len(setup.history_rows)} rows, {done} evaluated trials", flush=True)
     if done >= args.num_trials:
         print(f"the history already holds {done} evaluated trials (--num_trials {args.num_trials}); nothing to run")
-    from bo_search.workers import parse_cluster_gpus
+    from bo_search.search.workers import parse_cluster_gpus
 
     cluster_gpus = parse_cluster_gpus(getattr(args, "gpus", None), args.gpu_list)
     gpus = parse_gpus(args.gpu_list)
-    from bo_search.strategy import ThompsonConfig, check_strategy
+    from bo_search.search.thompson import ThompsonConfig
 
     strategy = check_strategy(getattr(args, "strategy", "gp"))
     prior = None
@@ -458,6 +419,7 @@ def run_search(
                 wait=False,  # the workers load their model while Ax is set up below
             )
         if callable(goal):
+            assert pool is not None
             _workers_ready(pool)
             goal = goal(pool)
             check_history_limit(setup, goal)
@@ -562,7 +524,7 @@ def run_search(
     return status
 
 
-def _workers_ready(pool: Any) -> None:
+def _workers_ready(pool: WorkerPool) -> None:
     pool.wait_ready()
     nodes = len({i["node_id"] for i in pool.infos})
     on_driver = sum(i["node_id"] == pool.driver_node for i in pool.infos)
@@ -585,7 +547,7 @@ def _print_row(row: Any) -> None:
     )
 
 
-def print_placement(rows: Any, pool: Any) -> None:
+def print_placement(rows: Any, pool: WorkerPool | None) -> None:
     """Where the trials ran (the CSV's worker_id: worker@node-ip/node-id:gpuN), and nodes lost."""
     from collections import Counter
 
@@ -597,9 +559,8 @@ def print_placement(rows: Any, pool: Any) -> None:
         print(f"{lost} trial(s) failed with their node lost; {getattr(pool, 'restarts', 0)} replacement worker(s) requested this run")
 
 
-def summarize(setup: Setup, goal: Any, stats: Any, pool: Any, wall_s: float) -> None:
+def summarize(setup: Setup, goal: Goal, stats: SearchStats | None, pool: WorkerPool | None, wall_s: float) -> None:
     """Best feasible plan (with held-out perplexity), run statistics, best-plan JSON."""
-    from bo_search.history import read_history
 
     rows = read_history(setup.history_path, strict=True).rows
     comp = [r for r in rows if r.status == "completed"]
@@ -631,7 +592,7 @@ def summarize(setup: Setup, goal: Any, stats: Any, pool: Any, wall_s: float) -> 
         return
     best = min(feas, key=lambda r: r.cal_PPL or math.inf) if goal.minimize else max(feas, key=lambda r: r.cal_throughput or -math.inf)
     heldout = best.ppl_heldout
-    if heldout is None and _can_measure(pool, setup):
+    if heldout is None and pool is not None and _can_measure(pool, setup):
         heldout = pool.heldout([best.plan])[0]
         if heldout is not None:
             _fill_heldout(setup.history_path, best.trial_index, heldout)
@@ -659,10 +620,9 @@ def summarize(setup: Setup, goal: Any, stats: Any, pool: Any, wall_s: float) -> 
     print(f"  plan written to {out} (python -m bo_search.evaluate --config {out})")
 
 
-def pareto_summary(setup: Setup, comp: list[Any], pool: Any) -> None:
+def pareto_summary(setup: Setup, comp: list[Any], pool: WorkerPool | None) -> None:
     """Print the perplexity/size Pareto front (held-out perplexity of each point computed once and
     recorded in the history) and write it as JSON."""
-    from bo_search.history import pareto_front
 
     pts = [r for r in comp if r.cal_PPL is not None and r.model_size is not None]
     if not pts:
@@ -670,7 +630,7 @@ def pareto_summary(setup: Setup, comp: list[Any], pool: Any) -> None:
         return
     front = [pts[i] for i in pareto_front([(r.model_size, r.cal_PPL) for r in pts])]
     missing = [r for r in front if r.ppl_heldout is None]
-    if missing and _can_measure(pool, setup):
+    if missing and pool is not None and _can_measure(pool, setup):
         for r, value in zip(missing, pool.heldout([r.plan for r in missing])):
             if value is not None:
                 r.ppl_heldout = value
@@ -693,7 +653,7 @@ def pareto_summary(setup: Setup, comp: list[Any], pool: Any) -> None:
     print(f"front written to {out}")
 
 
-def _can_measure(pool: Any, setup: Setup) -> bool:
+def _can_measure(pool: WorkerPool, setup: Setup) -> bool:
     """Whether held-out perplexity can be measured now (a worker is up; --heldout_tokens > 0)."""
     if pool is None or setup.eval_cfg.heldout_tokens <= 0:
         return False
@@ -706,8 +666,6 @@ def _can_measure(pool: Any, setup: Setup) -> bool:
 def _fill_heldout(path: Path, trial_index: int, value: float) -> None:
     """Record a held-out perplexity in the history: rewritten to a temp file, fsynced, renamed."""
     import csv
-
-    from bo_search.history import COLUMNS
 
     with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))

@@ -12,7 +12,7 @@ How a search runs
 - The size limit is checked before dispatch. Size is exact and known without evaluating, so a
   proposal over the limit is never evaluated: it is completed in Ax with only its exact size (so
   the size model learns the boundary) and recorded as ``infeasible``. It is then *repaired*: the
-  nearest plan under the limit (one-notch downgrades, see ``seeding.repair_to_budget``) is attached
+  nearest plan under the limit (one-notch downgrades, see ``budget.repair_to_budget``) is attached
   to Ax as a new trial (source ``repaired``) and evaluated instead, so every proposal yields an
   evaluation and workers never starve behind a run of over-limit proposals. The limit is also an
   Ax outcome constraint, so proposals concentrate on feasible plans.
@@ -31,11 +31,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bo_search.history import HistoryRow, HistoryWriter
+from bo_search.search.history import HistoryRow, HistoryWriter
+from bo_search.search.strategies import DriverConfig, make_generation_strategy
 from bo_search.space import SearchSpace, ax_parameters, from_ax, to_ax
 from bo_search.types import QuantPlan, TrialResult, UserError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,75 +52,6 @@ class Goal:
     @property
     def multi(self) -> bool:
         return "," in self.objective
-
-
-@dataclass(frozen=True)
-class DriverConfig:
-    encoding: str = "relaxed"
-    num_restarts: int = 4
-    raw_samples: int = 256
-    n_sobol: int = 4
-    seed: int | None = None
-    strategy: str = "gp"
-
-    def __post_init__(self) -> None:
-        from bo_search.strategy import check_strategy
-
-        check_strategy(self.strategy)
-        if self.num_restarts < 1 or self.raw_samples < 1:
-            raise UserError("--num_restarts and --raw_samples must be positive")
-        if self.n_sobol < 0:
-            raise UserError("--n_sobol must be zero or positive")
-
-
-def make_generation_strategy(cfg: DriverConfig, node: Any = None) -> Any:
-    """``thompson``: the single node ``node`` (strategy.make_thompson_node; it needs no quasi-random
-    start: with no data its draws come from the prior). ``gp``: Sobol for ``n_sobol`` trials (beyond
-    attached seeds and history), then BoTorch with a cheap acquisition optimiser
-    (``num_restarts``/``raw_samples``; Ax's defaults cost minutes per proposal)."""
-    from ax.generation_strategy.generation_strategy import GenerationStrategy
-
-    if cfg.strategy == "thompson":
-        if node is None:
-            raise ValueError("the thompson strategy needs its generation node")
-        return GenerationStrategy(name="Thompson", nodes=[node])
-    from ax.adapter.registry import Generators
-    from ax.core.trial_status import TrialStatus
-    from ax.generation_strategy.generation_node import GenerationNode
-    from ax.generation_strategy.generator_spec import GeneratorSpec
-    from ax.generation_strategy.transition_criterion import MinTrials
-
-    gen_kwargs = {"model_gen_options": {"optimizer_kwargs": {"num_restarts": cfg.num_restarts, "raw_samples": cfg.raw_samples}}}
-    model_kwargs: dict[str, Any] = {}
-    if cfg.encoding == "relaxed":
-        from ax.adapter.registry import Cont_X_trans, Y_trans
-
-        # Choice parameters relaxed to a continuous box for the acquisition optimiser (and rounded
-        # back): 1-3 s per proposal at 60-420 parameters instead of minutes of discrete local search.
-        model_kwargs["transforms"] = Cont_X_trans + Y_trans
-    mbm = GenerationNode(
-        name="BO",
-        generator_specs=[
-            GeneratorSpec(generator_enum=Generators.BOTORCH_MODULAR, generator_kwargs=model_kwargs, generator_gen_kwargs=gen_kwargs)
-        ],
-        should_deduplicate=True,
-    )
-    if cfg.n_sobol == 0:
-        return GenerationStrategy(name="BO", nodes=[mbm])
-    sobol = GenerationNode(
-        name="Sobol",
-        generator_specs=[GeneratorSpec(generator_enum=Generators.SOBOL, generator_kwargs={"seed": cfg.seed})],
-        transition_criteria=[
-            MinTrials(
-                threshold=cfg.n_sobol,
-                transition_to="BO",
-                use_all_trials_in_exp=True,
-                not_in_statuses=[TrialStatus.FAILED, TrialStatus.ABANDONED],
-            )
-        ],
-        should_deduplicate=True,
-    )
-    return GenerationStrategy(name=f"Sobol{cfg.n_sobol}+BO", nodes=[sobol, mbm])
 
 
 DETERMINISTIC_METRICS = ("nll", "ppl")

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from bo_search.cli import check_output_path
 from bo_search.types import QuantPlan, UserError
 
 FORMAT_VERSION = "bo_search.history/2"
@@ -69,7 +70,6 @@ class HistoryWriter:
     """Appends rows to the CSV; each row is flushed and fsynced before ``append`` returns."""
 
     def __init__(self, path: str | os.PathLike[str]):
-        from bo_search.cli import check_output_path
 
         self.path = Path(path)
         new = not self.path.exists() or self.path.stat().st_size == 0

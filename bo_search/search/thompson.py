@@ -44,22 +44,20 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bo_search.types import UserError, did_you_mean
+from bo_search.space import from_ax, to_ax
+from bo_search.types import UserError
+
+if TYPE_CHECKING:
+    from bo_search.budget import SlotSizes
+    from bo_search.space import SearchSpace
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("thompson", "gp")
 DRAW_TIME_LIMIT = 0.6  # seconds of milp per Thompson draw (measured: 0.1-1.7 s untimed at 420 parameters)
-
-
-def check_strategy(name: str) -> str:
-    if name not in STRATEGIES:
-        raise did_you_mean(name, STRATEGIES, "--strategy")
-    return name
 
 
 @dataclass(frozen=True)
@@ -146,7 +144,9 @@ class SlotProblem:
         return float(sum(table[s][c] for s, c in enumerate(pick)))
 
 
-def build_problem(space: Any, slot_sizes: Any, tables: list[dict[tuple[int, int], float]] | None, speed: Any = None) -> SlotProblem:
+def build_problem(
+    space: SearchSpace, slot_sizes: SlotSizes, tables: list[dict[tuple[int, int], float]] | None, speed: Any = None
+) -> SlotProblem:
     """From a SearchSpace, its ``budget.SlotSizes`` (exact bits per slot setting) and a sensitivity
     table per slot (``Sensitivity.slot_costs``) or None. ``speed`` optionally gives per slot setting
     bits read per token (same shape as ``slot_sizes.tables``)."""
@@ -469,15 +469,13 @@ def propose(
 
 
 def make_thompson_node(
-    space: Any, encoding: str, problem: SlotProblem, acq: Acquisition, objective_metric: str, cfg: ThompsonConfig
+    space: SearchSpace, encoding: str, problem: SlotProblem, acq: Acquisition, objective_metric: str, cfg: ThompsonConfig
 ) -> Any:
     """An Ax ``ExternalGenerationNode`` named ``Thompson``: the experiment of record stays in Ax
     (attached seeds and history, failed and abandoned trials); every ``gen`` refits the posterior
     from the experiment's completed trials, so a resumed search rebuilds the same posterior."""
     from ax.core.trial_status import TrialStatus
     from ax.generation_strategy.external_generation_node import ExternalGenerationNode
-
-    from bo_search.space import from_ax, to_ax
 
     class ThompsonNode(ExternalGenerationNode):  # type: ignore[misc]
         def __init__(self) -> None:

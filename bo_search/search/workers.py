@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bo_search.cli import setup_logging
 from bo_search.ray_env import apply_loopback_env, local_init_kwargs
 from bo_search.trial import EvalConfig
 from bo_search.types import QuantPlan, TrialResult, UserError
@@ -55,8 +56,6 @@ class TrialWorker:
 
     def __init__(self, cfg: EvalConfig, worker_id: str, threads: int | None = None, trial_delay_s: float = 0.0):
         import torch
-
-        from bo_search.cli import setup_logging
 
         setup_logging(False)
         if threads:

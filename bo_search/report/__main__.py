@@ -1,0 +1,5 @@
+import sys
+
+from bo_search.report.cli import main
+
+sys.exit(main())
