@@ -12,8 +12,8 @@ import sys
 from collections.abc import Sequence
 
 from bo_search import cli
-from bo_search.search import runner
-from bo_search.search.driver import Goal
+from bo_search.search import flags, runner, seeding
+from bo_search.search.experiment import Goal
 from bo_search.structure import Structure
 from bo_search.types import UserError
 
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"size limit as average bits per quantized weight, scales and zero points included (default {DEFAULT_AVG_BITS} when no --model_size_constraint)",
     )
-    runner.add_search_args(p, default_history="runs/acc_modelsize_history.csv", default_seeds="auto")
+    flags.add_search_args(p, default_history="runs/acc_modelsize_history.csv", default_seeds="auto")
     return p
 
 
@@ -72,7 +72,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-
     setup = runner.prepare(args, "modelsize")
     limit = size_limit(setup, args.model_size_constraint, args.avg_bits)
     n = sum(li.numel for li in setup.layers.linears)
@@ -83,7 +82,7 @@ def _main(args: argparse.Namespace) -> int:
     if limit >= setup.max_gb:
         print("note: every plan of the space fits this limit, so it does not bind")
     goal = Goal(objective="nll", minimize=True, constraint_metric="model_size_gb", limit=limit, search="modelsize")
-    seeds = runner.seeds_for(setup, args.initial_samples, limit)
+    seeds = seeding.seeds_for(setup, args.initial_samples, limit)
     return runner.run_search(setup, goal, seeds)
 
 

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from bo_search import cli
-from bo_search.search import runner
-from bo_search.search.driver import Goal
+from bo_search.search import flags, runner, seeding
+from bo_search.search.experiment import Goal
 from bo_search.types import QuantPlan, UserError
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode_repeats", type=int, default=5, help="timed repeats; the median is reported with its standard error (default 5)"
     )
     g.add_argument("--compile", action="store_true", help="torch.compile the model for measured decoding (compile time is excluded)")
-    runner.add_search_args(p, default_history="runs/acc_throughput_history.csv")
+    flags.add_search_args(p, default_history="runs/acc_throughput_history.csv")
     return p
 
 
@@ -116,9 +116,9 @@ def _main(args: argparse.Namespace) -> int:
         return Goal(objective="throughput", minimize=False, constraint_metric="ppl", limit=limit, search="throughput")
 
     seeds = (
-        runner.seeds_for(setup, args.initial_samples, setup.max_gb)
+        seeding.seeds_for(setup, args.initial_samples, setup.max_gb)
         if args.initial_samples not in ("uniform",)
-        else runner.ladder_seeds(setup)
+        else seeding.ladder_seeds(setup)
     )
     return runner.run_search(setup, goal, seeds, row_extra={"throughput_kind": kind})
 

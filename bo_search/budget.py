@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping
 
-from bo_search.quant import SizeModel
+from bo_search.sizes import SizeModel
 from bo_search.space import SearchSpace
 from bo_search.types import FULL_PRECISION
 

@@ -13,8 +13,8 @@ import sys
 from collections.abc import Sequence
 
 from bo_search import cli
-from bo_search.search import runner
-from bo_search.search.driver import Goal
+from bo_search.search import flags, runner, seeding
+from bo_search.search.experiment import Goal
 from bo_search.types import UserError
 
 
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max_size_gb", type=float, default=None, help="size threshold in GB (1e9 bytes; default: the largest plan of the space)"
     )
-    runner.add_search_args(p, default_history="runs/pareto_history.csv")
+    flags.add_search_args(p, default_history="runs/pareto_history.csv")
     return p
 
 
@@ -38,7 +38,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-
     if args.max_ppl <= 1:
         raise UserError(f"--max_ppl must be above 1, got {args.max_ppl}")
     setup = runner.prepare(args, "pareto")
@@ -56,7 +55,7 @@ def _main(args: argparse.Namespace) -> int:
     print(
         f"Pareto search: size {setup.min_gb:.6g}-{setup.max_gb:.6g} GB in this space, thresholds size <= {size_thr:.6g} GB, perplexity <= {args.max_ppl:g}"
     )
-    seeds = runner.seeds_for(setup, args.initial_samples, size_thr) if args.initial_samples != "uniform" else runner.ladder_seeds(setup)
+    seeds = seeding.seeds_for(setup, args.initial_samples, size_thr) if args.initial_samples != "uniform" else seeding.ladder_seeds(setup)
     return runner.run_search(setup, goal, seeds)
 
 

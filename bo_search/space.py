@@ -25,6 +25,10 @@ The JSON is the original tool's format, accepted as is, plus optional keys::
 - A ``layers`` entry may carry ``"groups": ["mlp", ...]`` to apply only to those groups.
 - bitwidth 16 leaves a layer unquantized; groupsize -1 means one group per output channel.
 - Group sizes must divide every affected layer's ``in_features`` (ragged groups are rejected).
+
+Over the ~400-line guide on purpose: parameter names are built (from ``name_format``) and parsed
+(Ax encodings) here and nowhere else, the house rule that keeps plans from being found by slicing
+strings; the validation of the JSON that builds them lives next to them.
 """
 
 from __future__ import annotations
@@ -290,115 +294,10 @@ def build_space(spec: Mapping[str, Any], layers: ModelLayers, source: str = "<sp
     groups = _groups(spec, layers, source)
     by_kind: dict[str, dict[tuple[int, str], SpaceParam]] = {}
     for pi, pspec in enumerate(spec["parameters"]):
-        if not isinstance(pspec, dict):
-            raise _err(source, f"parameters[{pi}] must be an object")
-        pname = pspec.get("name")
-        if ggml:
-            kind = "bits" if pname in GGML_NAMES else None
-            if kind is None:
-                raise _err(source, f'parameters[{pi}] has name {pname!r}; a ggml space has one parameter, "ggml_type"')
-        else:
-            kind = "bits" if pname in BITS_NAMES else "group_size" if pname in GROUP_NAMES else None
-            if kind is None:
-                raise _err(
-                    source, f'parameters[{pi}] has name {pname!r}; use "bitwidth" or "groupsize" (or "scheme": "ggml" and "ggml_type")'
-                )
+        kind = _param_kind(pi, pspec, ggml, source)
         if kind in by_kind:
-            raise _err(source, f"parameter {pname!r} is defined twice")
-        fmt = pspec.get("name_format", f"{pname}.{{i}}." if spec.get("granularity", "block") == "block" else f"{pname}.{{i}}.{{group}}")
-        if not isinstance(fmt, str) or "{i}" not in fmt:
-            raise _err(source, f"parameter {pname!r}: name_format must contain {{i}}, got {fmt!r}")
-        needs_group = spec.get("granularity", "block") != "block"
-        if needs_group != ("{group}" in fmt):
-            raise _err(
-                source,
-                f"parameter {pname!r}: name_format {fmt!r} must {'contain' if needs_group else 'not contain'} {{group}} with granularity {spec.get('granularity', 'block')!r}",
-            )
-        entries = pspec.get("layers")
-        if not isinstance(entries, list) or not entries:
-            raise _err(source, f'parameter {pname!r} needs a non-empty "layers" list')
-        assigned: dict[tuple[int, str], SpaceParam] = {}
-        for ei, e in enumerate(entries):
-            where = f"parameter {pname!r} layers[{ei}]"
-            if not isinstance(e, dict):
-                raise _err(source, f"{where} must be an object")
-            rng = e.get("range")
-            if (
-                not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in rng))
-                or rng[0] < 0
-                or rng[0] >= rng[1]
-            ):
-                raise _err(source, f"{where}: range must be [start, end) with 0 <= start < end, got {rng!r}")
-            if rng[1] > layers.n_blocks:
-                raise _err(source, f"{where}: range {rng} goes past the model's {layers.n_blocks} blocks (valid: 0..{layers.n_blocks})")
-            etype = e.get("type")
-            if etype == "fixed":
-                if "value" not in e:
-                    raise _err(source, f'{where}: a fixed entry needs "value"')
-                values: tuple[int, ...] = (e["value"],)
-            elif etype == "choice":
-                vals = e.get("values")
-                if not isinstance(vals, list) or not vals:
-                    raise _err(source, f'{where}: a choice entry needs a non-empty "values" list')
-                if len(set(vals)) != len(vals):
-                    raise _err(source, f"{where}: values {vals} repeat an entry")
-                values = tuple(vals)
-            else:
-                raise _err(source, f'{where}: type must be "fixed" or "choice", got {etype!r}')
-            if ggml:  # type names -> their index, checked against every row they would quantize
-                try:
-                    values = tuple(GGML_TYPE_NAMES.index(ggml_check_type(v)) for v in values)
-                except UserError as err:
-                    raise _err(source, f"{where}: {err}") from None
-                if len(set(values)) != len(values):
-                    raise _err(source, f"{where}: values repeat a type")
-            for v in values:
-                if ggml:
-                    continue
-                if isinstance(v, bool) or not isinstance(v, int):
-                    raise _err(source, f"{where}: value {v!r} is not an integer")
-                try:
-                    LayerQuant(v, PER_CHANNEL) if kind == "bits" else LayerQuant(4, v)
-                except UserError as err:
-                    raise _err(source, f"{where}: {err}") from None
-            only = e.get("groups")
-            if only is not None and (not isinstance(only, list) or not all(isinstance(x, str) for x in only)):
-                raise _err(source, f'{where}: "groups" must be a list of group names')
-            for b in range(rng[0], rng[1]):
-                for gname in groups[b]:
-                    if only is not None and gname not in only:
-                        continue
-                    key = (b, gname)
-                    if key in assigned:
-                        raise _err(
-                            source,
-                            f"{where}: block {b}{' group ' + repr(gname) if gname else ''} is already covered by another range (ranges overlap)",
-                        )
-                    name = fmt.format(i=b, group=gname)
-                    assigned[key] = SpaceParam(
-                        name,
-                        kind,
-                        b,
-                        gname,
-                        tuple(sorted(values, key=_order)) if etype == "choice" else values,
-                        etype == "fixed" or len(values) == 1,
-                    )
-        if only_groups := [g for e in entries if isinstance(e, dict) for g in (e.get("groups") or [])]:
-            known = {g for gs in groups.values() for g in gs}
-            bad = [g for g in only_groups if g not in known]
-            if bad:
-                raise _err(source, f"parameter {pname!r} names unknown group {bad[0]!r} (groups: {sorted(known)})")
-        missing = [(b, g) for b in range(layers.n_blocks) for g in groups[b] if (b, g) not in assigned]
-        if missing:
-            b, g = missing[0]
-            raise _err(
-                source,
-                f"parameter {pname!r} does not cover block {b}{' group ' + repr(g) if g else ''} ({len(missing)} uncovered); ranges must cover blocks 0..{layers.n_blocks - 1}",
-            )
-        names = [p.name for p in assigned.values()]
-        if len(set(names)) != len(names):
-            raise _err(source, f"parameter {pname!r}: name_format {fmt!r} gives the same name to two slots")
-        by_kind[kind] = assigned
+            raise _err(source, f"parameter {pspec['name']!r} is defined twice")
+        by_kind[kind] = _build_param(spec, pspec, kind, ggml, groups, layers, source)
     if ggml and "bits" in by_kind:  # the block size is the type's: a fixed group parameter per slot
         by_kind["group_size"] = {
             key: SpaceParam("ggml_block:" + p.name, "group_size", p.block, p.group, (PER_CHANNEL,), True)
@@ -406,6 +305,154 @@ def build_space(spec: Mapping[str, Any], layers: ModelLayers, source: str = "<sp
         }
     if set(by_kind) != {"bits", "group_size"}:
         raise _err(source, 'needs a "ggml_type" parameter' if ggml else 'needs both a "bitwidth" and a "groupsize" parameter')
+    slots = _build_slots(by_kind, groups, layers, ggml, source)
+    all_names = [n for s in slots for n in (s.bits.name, s.group_size.name)]
+    if len(set(all_names)) != len(all_names):
+        raise _err(source, "bitwidth and groupsize name formats produce the same names")
+    return SearchSpace(tuple(slots), symmetric, source, spec, scheme)
+
+
+def _param_kind(pi: int, pspec: Any, ggml: bool, source: str) -> str:
+    if not isinstance(pspec, dict):
+        raise _err(source, f"parameters[{pi}] must be an object")
+    pname = pspec.get("name")
+    if ggml:
+        if pname not in GGML_NAMES:
+            raise _err(source, f'parameters[{pi}] has name {pname!r}; a ggml space has one parameter, "ggml_type"')
+        return "bits"
+    kind = "bits" if pname in BITS_NAMES else "group_size" if pname in GROUP_NAMES else None
+    if kind is None:
+        raise _err(source, f'parameters[{pi}] has name {pname!r}; use "bitwidth" or "groupsize" (or "scheme": "ggml" and "ggml_type")')
+    return kind
+
+
+def _build_param(
+    spec: Mapping[str, Any],
+    pspec: dict[str, Any],
+    kind: str,
+    ggml: bool,
+    groups: dict[int, dict[str, tuple[str, ...]]],
+    layers: ModelLayers,
+    source: str,
+) -> dict[tuple[int, str], SpaceParam]:
+    """One parameter spec -> its SpaceParam per (block, group), covering every slot once."""
+    pname = pspec["name"]
+    granularity = spec.get("granularity", "block")
+    fmt = pspec.get("name_format", f"{pname}.{{i}}." if granularity == "block" else f"{pname}.{{i}}.{{group}}")
+    if not isinstance(fmt, str) or "{i}" not in fmt:
+        raise _err(source, f"parameter {pname!r}: name_format must contain {{i}}, got {fmt!r}")
+    needs_group = granularity != "block"
+    if needs_group != ("{group}" in fmt):
+        raise _err(
+            source,
+            f"parameter {pname!r}: name_format {fmt!r} must {'contain' if needs_group else 'not contain'} {{group}} with granularity {granularity!r}",
+        )
+    entries = pspec.get("layers")
+    if not isinstance(entries, list) or not entries:
+        raise _err(source, f'parameter {pname!r} needs a non-empty "layers" list')
+    assigned: dict[tuple[int, str], SpaceParam] = {}
+    for ei, e in enumerate(entries):
+        where = f"parameter {pname!r} layers[{ei}]"
+        rng, etype, values = _entry_values(where, e, kind, ggml, layers, source)
+        only = e.get("groups")
+        if only is not None and (not isinstance(only, list) or not all(isinstance(x, str) for x in only)):
+            raise _err(source, f'{where}: "groups" must be a list of group names')
+        for b in range(rng[0], rng[1]):
+            for gname in groups[b]:
+                if only is not None and gname not in only:
+                    continue
+                if (b, gname) in assigned:
+                    raise _err(
+                        source,
+                        f"{where}: block {b}{' group ' + repr(gname) if gname else ''} is already covered by another range (ranges overlap)",
+                    )
+                ordered = tuple(sorted(values, key=_order)) if etype == "choice" else values
+                assigned[(b, gname)] = SpaceParam(
+                    fmt.format(i=b, group=gname), kind, b, gname, ordered, etype == "fixed" or len(values) == 1
+                )
+    _check_coverage(pname, fmt, entries, assigned, groups, layers, source)
+    return assigned
+
+
+def _entry_values(where: str, e: Any, kind: str, ggml: bool, layers: ModelLayers, source: str) -> tuple[list[int], str, tuple[int, ...]]:
+    """One ``layers`` entry: its block range, type (fixed or choice) and checked values."""
+    if not isinstance(e, dict):
+        raise _err(source, f"{where} must be an object")
+    rng = e.get("range")
+    if (
+        not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in rng))
+        or rng[0] < 0
+        or rng[0] >= rng[1]
+    ):
+        raise _err(source, f"{where}: range must be [start, end) with 0 <= start < end, got {rng!r}")
+    if rng[1] > layers.n_blocks:
+        raise _err(source, f"{where}: range {rng} goes past the model's {layers.n_blocks} blocks (valid: 0..{layers.n_blocks})")
+    etype = e.get("type")
+    if etype == "fixed":
+        if "value" not in e:
+            raise _err(source, f'{where}: a fixed entry needs "value"')
+        values: tuple[int, ...] = (e["value"],)
+    elif etype == "choice":
+        vals = e.get("values")
+        if not isinstance(vals, list) or not vals:
+            raise _err(source, f'{where}: a choice entry needs a non-empty "values" list')
+        if len(set(vals)) != len(vals):
+            raise _err(source, f"{where}: values {vals} repeat an entry")
+        values = tuple(vals)
+    else:
+        raise _err(source, f'{where}: type must be "fixed" or "choice", got {etype!r}')
+    if ggml:  # type names -> their index, checked against every row they would quantize
+        try:
+            values = tuple(GGML_TYPE_NAMES.index(ggml_check_type(v)) for v in values)
+        except UserError as err:
+            raise _err(source, f"{where}: {err}") from None
+        if len(set(values)) != len(values):
+            raise _err(source, f"{where}: values repeat a type")
+        return rng, etype, values
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise _err(source, f"{where}: value {v!r} is not an integer")
+        try:
+            LayerQuant(v, PER_CHANNEL) if kind == "bits" else LayerQuant(4, v)
+        except UserError as err:
+            raise _err(source, f"{where}: {err}") from None
+    return rng, etype, values
+
+
+def _check_coverage(
+    pname: str,
+    fmt: str,
+    entries: list[Any],
+    assigned: dict[tuple[int, str], SpaceParam],
+    groups: dict[int, dict[str, tuple[str, ...]]],
+    layers: ModelLayers,
+    source: str,
+) -> None:
+    if only_groups := [g for e in entries if isinstance(e, dict) for g in (e.get("groups") or [])]:
+        known = {g for gs in groups.values() for g in gs}
+        bad = [g for g in only_groups if g not in known]
+        if bad:
+            raise _err(source, f"parameter {pname!r} names unknown group {bad[0]!r} (groups: {sorted(known)})")
+    missing = [(b, g) for b in range(layers.n_blocks) for g in groups[b] if (b, g) not in assigned]
+    if missing:
+        b, g = missing[0]
+        raise _err(
+            source,
+            f"parameter {pname!r} does not cover block {b}{' group ' + repr(g) if g else ''} ({len(missing)} uncovered); ranges must cover blocks 0..{layers.n_blocks - 1}",
+        )
+    names = [p.name for p in assigned.values()]
+    if len(set(names)) != len(names):
+        raise _err(source, f"parameter {pname!r}: name_format {fmt!r} gives the same name to two slots")
+
+
+def _build_slots(
+    by_kind: dict[str, dict[tuple[int, str], SpaceParam]],
+    groups: dict[int, dict[str, tuple[str, ...]]],
+    layers: ModelLayers,
+    ggml: bool,
+    source: str,
+) -> list[Slot]:
+    """One slot per (block, group), its choices checked against every linear it quantizes."""
     infos = layers.by_fqn()
     slots = []
     for b in range(layers.n_blocks):
@@ -427,10 +474,7 @@ def build_space(spec: Mapping[str, Any], layers: ModelLayers, source: str = "<sp
                             f"groupsize {gsize} ({gp.name}) does not divide in_features={inf} of {fqn}; ragged groups are rejected: use divisors of {inf} or -1",
                         )
             slots.append(Slot(b, gname, fqns, bp, gp))
-    all_names = [n for s in slots for n in (s.bits.name, s.group_size.name)]
-    if len(set(all_names)) != len(all_names):
-        raise _err(source, "bitwidth and groupsize name formats produce the same names")
-    return SearchSpace(tuple(slots), symmetric, source, spec, scheme)
+    return slots
 
 
 def _order(v: int) -> float:

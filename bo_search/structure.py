@@ -20,7 +20,7 @@ from bo_search.types import QuantPlan, UserError
 
 if TYPE_CHECKING:
     from bo_search.model import CheckpointRef, ModelLayers
-    from bo_search.quant import SizeModel
+    from bo_search.sizes import SizeModel
     from bo_search.space import SearchSpace
     from bo_search.trial import EvalConfig
 
@@ -56,7 +56,8 @@ def resolve_space(parameters_list: str | None, layers: ModelLayers, ref: Checkpo
 def load_structure(args: argparse.Namespace) -> Structure:
     """Flags (``--checkpoint``, ``--include_lm_head``, ``--parameters_list``, the scheme and
     evaluation flags) -> the structure, the space and the size model."""
-    from bo_search.quant import QuantScheme, SizeModel, space_size_bounds
+    from bo_search.quant import QuantScheme
+    from bo_search.sizes import SizeModel, space_size_bounds
     from bo_search.trial import EvalConfig
 
     eval_cfg = EvalConfig.from_args(args)

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 
 from bo_search.model import ModelLayers, cache_dir
-from bo_search.quant import SizeModel, has_fast_kernel, torchao_fqn_config
+from bo_search.quant import has_fast_kernel, torchao_fqn_config
+from bo_search.sizes import SizeModel
 from bo_search.types import QuantPlan, did_you_mean
 
 log = logging.getLogger(__name__)

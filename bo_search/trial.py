@@ -92,7 +92,8 @@ class ModelContext:
 
     def __init__(self, cfg: EvalConfig, heldout: bool = True):
         from bo_search.data import load_corpus, split_windows
-        from bo_search.quant import PlanApplier, QuantScheme, SizeModel
+        from bo_search.quant import PlanApplier, QuantScheme
+        from bo_search.sizes import SizeModel
 
         self.cfg = cfg
         t0 = time.perf_counter()

@@ -17,7 +17,7 @@ from bench_quant import timed  # scripts/ is on sys.path when a script runs
 
 from bo_search.gguf_file import ggml_other_bits
 from bo_search.metrics import perplexity
-from bo_search.quant import SizeModel
+from bo_search.sizes import SizeModel
 from bo_search.trial import EvalConfig, ModelContext
 from bo_search.types import GGML_TYPE_NAMES, LayerQuant, QuantPlan, ggml_effective_type
 

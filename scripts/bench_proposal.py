@@ -22,11 +22,12 @@ import numpy as np  # noqa: E402
 
 from bo_search.budget import SlotSizes, random_feasible  # noqa: E402
 from bo_search.model import discover_layers, load_structure, resolve_checkpoint  # noqa: E402
-from bo_search.quant import SizeModel  # noqa: E402
+from bo_search.search.mckp import build_problem  # noqa: E402
 from bo_search.search.runner import REPO_ROOT  # noqa: E402
-from bo_search.search.thompson import Acquisition, Posterior, ThompsonConfig, build_problem, propose  # noqa: E402
+from bo_search.search.thompson import Acquisition, Posterior, ThompsonConfig, propose
 from bo_search.sensitivity.allocate import total_bits_limit  # noqa: E402
 from bo_search.sensitivity.table import Sensitivity  # noqa: E402
+from bo_search.sizes import SizeModel  # noqa: E402
 from bo_search.space import load_space  # noqa: E402
 
 SPACES = ("smollm2_135m_per_block.json", "smollm2_135m_fused_groups.json", "smollm2_135m_per_linear.json")

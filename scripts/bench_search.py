@@ -162,13 +162,13 @@ OWN_SOURCES = ("thompson", "bo", "sobol", "repaired", "random")
 def seed_history(b: Bench) -> tuple[Path, int]:
     """The auto seeds evaluated once (deterministic), copied as the start of every seeded run."""
     from bo_search import acc_modelsize
-    from bo_search.search import runner
+    from bo_search.search import runner, seeding
 
     args = acc_modelsize.build_parser().parse_args(
         ["--avg_bits", str(b.args.avg_bits), "--parameters_list", str(b.space_path), "--history_output", os.devnull]
     )
     setup = runner.prepare(args, "modelsize", take_lock=False)
-    seeds = runner.seeds_for(setup, "auto", acc_modelsize.size_limit(setup, None, b.args.avg_bits))
+    seeds = seeding.seeds_for(setup, "auto", acc_modelsize.size_limit(setup, None, b.args.avg_bits))
     hist = b.out / "seeds.csv"
     if hist.exists() and sum(1 for r in read_history(hist).rows if r.status == "completed") == len(seeds):
         return hist, len(seeds)
@@ -215,7 +215,8 @@ def run_search(b: Bench, arm: str, seed: int, trials: int, workers: int = 1) -> 
 def calibration(b: Bench, completed: list[Any], n_seeds: int) -> list[tuple[float, float, float]]:
     """(predicted mean, predicted sd, measured) NLL of each trial after the seeds, from the
     Thompson model fitted on the trials before it (so on trials it had not yet seen)."""
-    from bo_search.search.thompson import Posterior, ThompsonConfig, build_problem
+    from bo_search.search.mckp import build_problem
+    from bo_search.search.thompson import Posterior, ThompsonConfig
     from bo_search.sensitivity.cache import cached_sensitivity
 
     sens, _, _ = cached_sensitivity(b.ctx.cfg, b.ctx.ref, b.ctx.layers, b.space, "fit")

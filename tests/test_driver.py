@@ -10,12 +10,13 @@ import pytest
 
 from bo_search.budget import SlotSizes
 from bo_search.model import discover_layers, load_structure
-from bo_search.quant import SizeModel
-from bo_search.search.driver import AxDriver, Goal, attach_history
+from bo_search.search.experiment import AxDriver, Goal, attach_history
 from bo_search.search.history import HistoryRow
+from bo_search.search.mckp import build_problem
 from bo_search.search.strategies import DriverConfig
-from bo_search.search.thompson import Acquisition, Posterior, ThompsonConfig, build_problem, make_thompson_node
+from bo_search.search.thompson import Acquisition, Posterior, ThompsonConfig, make_thompson_node
 from bo_search.sensitivity.allocate import total_bits_limit
+from bo_search.sizes import SizeModel
 from bo_search.space import build_space
 
 SPEC = {

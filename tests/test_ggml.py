@@ -76,7 +76,7 @@ def test_rows_not_a_multiple_of_256_fall_back_like_llama_quantize():
 
 def test_size_model_counts_the_types_bytes(tiny_llama):
     from bo_search.model import discover_layers, load_structure
-    from bo_search.quant import SizeModel
+    from bo_search.sizes import SizeModel
 
     model, _ = load_structure(str(tiny_llama))
     layers = discover_layers(model)
@@ -133,7 +133,7 @@ def test_ggml_space_encodes_decodes_and_rejects_bad_types(tiny_llama, tmp_path):
 def test_shipped_ggml_spaces_load_on_the_embedded_model():
     from bo_search.gguf_file import ggml_other_bits
     from bo_search.model import discover_layers, load_structure
-    from bo_search.quant import SizeModel
+    from bo_search.sizes import SizeModel
     from bo_search.space import load_space
 
     model, ref = load_structure(None)
@@ -222,7 +222,7 @@ def test_every_search_runs_on_a_ggml_space_and_gguf_export_needs_a_gguf_checkpoi
 
         check_gguf_plan(QuantPlan({"a": LayerQuant(4, 32)}))
     # and a ggml plan is not silently written in the affine packed format
-    from bo_search.quant import save_packed
+    from bo_search.packing import save_packed
 
     with pytest.raises(UserError, match="saved as a GGUF"):
         save_packed(None, None, QuantPlan({"a": LayerQuant.of_ggml("Q4_0")}), tmp_path / "ck")  # type: ignore[arg-type]

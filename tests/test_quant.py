@@ -3,17 +3,9 @@ import math
 import pytest
 import torch
 
-from bo_search.quant import (
-    QuantScheme,
-    SizeModel,
-    fake_quantize,
-    load_packed_state,
-    pack_bits,
-    save_packed,
-    torchao_fqn_config,
-    uniform_plan,
-    unpack_bits,
-)
+from bo_search.packing import load_packed_state, pack_bits, save_packed, unpack_bits
+from bo_search.quant import QuantScheme, fake_quantize, torchao_fqn_config, uniform_plan
+from bo_search.sizes import SizeModel
 from bo_search.types import LayerQuant, QuantPlan, UserError
 
 

@@ -10,10 +10,11 @@ import pytest
 from layers import smollm2
 
 from bo_search.budget import SlotSizes, random_feasible
-from bo_search.quant import QuantScheme, SizeModel
+from bo_search.quant import QuantScheme
 from bo_search.sensitivity.allocate import Knapsack, build_knapsack, exact, get_solver, greedy, pick_values, total_bits_limit
 from bo_search.sensitivity.seeds import allocate
 from bo_search.sensitivity.table import Sensitivity, choice_key
+from bo_search.sizes import SizeModel
 from bo_search.space import load_initial_samples, load_space, write_initial_samples
 from bo_search.types import LayerQuant, QuantPlan, UserError
 

@@ -342,7 +342,8 @@ def _fake_sensitivity_file(tiny_llama, tmp_path):
 
 
 def test_auto_seeds_compute_once_then_reuse_the_cache(tiny_llama, tmp_path, monkeypatch):
-    from bo_search.search import runner
+    from bo_search.search import seeding as search_seeding
+    from bo_search.search.runner import Setup
     from bo_search.sensitivity import seeds as seeding
     from bo_search.sensitivity.cache import cached_sensitivity
     from bo_search.sensitivity.cli import structure_setup
@@ -352,9 +353,9 @@ def test_auto_seeds_compute_once_then_reuse_the_cache(tiny_llama, tmp_path, monk
     args = argparse.Namespace(
         checkpoint=str(tiny_llama), parameters_list=None, eval_text="pydoc", max_seqlen=32, batch_size=4, device="cpu"
     )
-    setup = structure_setup(args)
+    setup = Setup.from_structure(structure_setup(args), args)
     limit = (setup.min_gb + setup.max_gb) / 2
-    seeds = runner.seeds_for(setup, "auto", limit)
+    seeds = search_seeding.seeds_for(setup, "auto", limit)
     files = list((tmp_path / "cache" / "sensitivity").glob("*-fit-*.json"))
     assert len(files) == 1
     assert 3 <= len(seeds) <= 6

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bo_search.model import discover_layers, load_structure, resolve_checkpoint, safetensors_float_bytes
-from bo_search.quant import SizeModel
+from bo_search.sizes import SizeModel
 from bo_search.space import load_space
 from bo_search.types import LayerQuant, QuantPlan
 
@@ -99,7 +99,7 @@ def llama3_8b_sizes(tmp_path):
 
 def test_llama3_8b_sizes_on_the_meta_device(tmp_path):
     """The table in docs/size-accounting.md ("Llama-3-8B"): our GB next to the original tool's GiB."""
-    from bo_search.quant import space_size_bounds
+    from bo_search.sizes import space_size_bounds
 
     sm, space = llama3_8b_sizes(tmp_path)
     full = sm.report(QuantPlan()).total_bytes

@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 
+from bo_search.search.mckp import SlotProblem, solve_mckp
 from bo_search.search.strategies import check_strategy
-from bo_search.search.thompson import Acquisition, Posterior, SlotProblem, ThompsonConfig, propose, solve_mckp
+from bo_search.search.thompson import Acquisition, Posterior, ThompsonConfig, propose
 from bo_search.types import UserError
 
 CHOICES = tuple((b, g) for b in (2, 3, 4, 8) for g in (32, 64))

@@ -130,7 +130,7 @@ def _search_args(tiny_llama, tmp_path, n):
 def test_search_goes_on_after_failures(ray_cluster, tiny_llama, tmp_path):
     from bo_search.acc_modelsize import size_limit
     from bo_search.search import runner
-    from bo_search.search.driver import Goal
+    from bo_search.search.experiment import Goal
     from bo_search.search.history import read_history
 
     args = _search_args(tiny_llama, tmp_path, 6)
@@ -151,7 +151,7 @@ def test_search_goes_on_after_failures(ray_cluster, tiny_llama, tmp_path):
 def test_max_failure_rate_stops_search(ray_cluster, tiny_llama, tmp_path, capsys):
     from bo_search.acc_modelsize import size_limit
     from bo_search.search import runner
-    from bo_search.search.driver import Goal
+    from bo_search.search.experiment import Goal
     from bo_search.search.history import read_history
 
     args = _search_args(tiny_llama, tmp_path, 20)

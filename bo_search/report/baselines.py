@@ -60,7 +60,6 @@ class EvalCache:
         return entry["value"]
 
     def put(self, kind: str, plan: QuantPlan, value: Any) -> None:
-
         self.entries[self._key(kind, plan)] = {"settings": self.signature, "value": value}
         self.written += 1
         write_json(self.path, {"version": CACHE_VERSION, "settings": {self.signature: self.settings}, "entries": self.entries})

@@ -21,7 +21,6 @@ log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-
     p = argparse.ArgumentParser(
         prog="python -m bo_search.report",
         description="Plots, a Markdown report and exports from a search history (size, throughput or Pareto search; finished or interrupted). "
@@ -77,7 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-
     return cli.run_main(_main, build_parser(), argv)
 
 
@@ -173,7 +171,6 @@ def _check_gguf_request(opts: ReportOptions, row: HistoryRow | None, checkpoint:
 
 
 def _write_gguf(opts: ReportOptions, row: HistoryRow, checkpoint: str | None, include_lm_head: bool, history: Path) -> None:
-
     assert opts.gguf is not None
     model, ref = load_structure(checkpoint)
     layers = discover_layers(model, include_lm_head=include_lm_head)

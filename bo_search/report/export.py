@@ -155,7 +155,7 @@ def save_checkpoint(ctx: ModelContext, plan: QuantPlan, out_dir: str | Path, inf
     tensor at the checkpoint's storage dtype), ``config.json``, the tokenizer, and ``bo_search_export.json``
     (the plan, ``info``, and how to load it). Load with :func:`load_quantized`.
     """
-    from bo_search.quant import save_packed
+    from bo_search.packing import save_packed
 
     out = Path(out_dir)
     ctx.applier.check(plan)
@@ -185,7 +185,7 @@ def load_quantized(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from bo_search.quant import load_packed_state
+    from bo_search.packing import load_packed_state
 
     p = Path(path)
     if not (p / "config.json").is_file() or not (p / "model.safetensors").is_file():

@@ -42,17 +42,32 @@ def bits_histogram(plan: QuantPlan) -> dict[int, int]:
 
 
 def render_markdown(an: Analysis, ev: Evaluation | None, export_res: ExportResult | None, images: Sequence[Path], out_dir: Path) -> str:
-    thr = an.by_throughput
     heldout = dict(ev.heldout) if ev is not None else {}
     for r in an.rows:
         if r.ppl_heldout is not None and r.status == "completed":
             heldout.setdefault(r.trial_index, r.ppl_heldout)
+    out = _summary(an, ev)
+    for img in images:
+        out.append(f"![{img.stem}]({img.relative_to(out_dir).as_posix()})")
+        out.append("")
+    out += _best_section(an, ev, heldout)
+    out += _front_section(an, heldout)
+    out += _baselines_section(ev)
+    out += _failures_section(an)
+    if export_res is not None:
+        out += _export_section(export_res, out_dir)
+    return "\n".join(out)
+
+
+def _summary(an: Analysis, ev: Evaluation | None) -> list[str]:
+    out: list[str] = []
+    thr = an.by_throughput
     kind_text = {
         "modelsize": "lowest perplexity under a model size limit",
         "throughput": "highest throughput under a perplexity limit",
         "pareto": "perplexity / size Pareto front",
     }[an.search]
-    out = [f"# Search report: `{an.path.name}`", ""]
+    out += [f"# Search report: `{an.path.name}`", ""]
     by_src = Counter(r.source for r in an.completed)
     out.append(
         f"- **History**: `{an.path}`: {len(an.rows)} rows"
@@ -111,11 +126,12 @@ def render_markdown(an: Analysis, ev: Evaluation | None, export_res: ExportResul
     for n in an.notes:
         out.append(f"- Note: {n}")
     out.append("")
-    for img in images:
-        out.append(f"![{img.stem}]({img.relative_to(out_dir).as_posix()})")
-        out.append("")
+    return out
 
-    # best
+
+def _best_section(an: Analysis, ev: Evaluation | None, heldout: dict[int, float]) -> list[str]:
+    out: list[str] = []
+    lim = an.limit
     b = an.best
     out.append("## Best feasible plan")
     out.append("")
@@ -153,8 +169,12 @@ def render_markdown(an: Analysis, ev: Evaluation | None, export_res: ExportResul
         out.append("")
         out.append(_md_table(["setting", "layers"], [[k, v] for k, v in b.plan.histogram().items()]))
         out.append("")
+    return out
 
-    # front
+
+def _front_section(an: Analysis, heldout: dict[int, float]) -> list[str]:
+    out: list[str] = []
+    thr, b = an.by_throughput, an.best
     out.append(f"## Pareto front ({len(an.front)} trials)")
     out.append("")
     if an.front:
@@ -182,8 +202,11 @@ def render_markdown(an: Analysis, ev: Evaluation | None, export_res: ExportResul
     else:
         out.append("No completed trial.")
     out.append("")
+    return out
 
-    # baselines
+
+def _baselines_section(ev: Evaluation | None) -> list[str]:
+    out: list[str] = []
     out.append("## Uniform baselines")
     out.append("")
     if ev is None:
@@ -200,7 +223,11 @@ def render_markdown(an: Analysis, ev: Evaluation | None, export_res: ExportResul
     for skipped in ev.skipped_baselines if ev is not None else []:
         out.append(f"- skipped {skipped}")
     out.append("")
+    return out
 
+
+def _failures_section(an: Analysis) -> list[str]:
+    out: list[str] = []
     if an.failed:
         out.append(f"## Failed trials ({len(an.failed)})")
         out.append("")
@@ -216,39 +243,41 @@ def render_markdown(an: Analysis, ev: Evaluation | None, export_res: ExportResul
         out.append("")
         out += [f"- line {line}: {why}" for line, why in an.skipped]
         out.append("")
+    return out
 
-    if export_res is not None:
-        e = export_res
-        rel = e.directory.relative_to(out_dir).as_posix()
-        out.append(f"## Export of trial {e.trial}")
-        out.append("")
-        out.append(f"- `{rel}/plan.json`: `python -m bo_search.evaluate --config {e.plan_json}`")
-        out.append(f"- `{rel}/torchao_config.json`: torchao `FqnToConfig` (per layer: config class and arguments); apply with:")
-        out.append("")
-        out.append("```python")
-        out.append(_apply_snippet(e.torchao_json))
-        out.append("```")
-        out.append("")
-        types = ", ".join(f"{k} x{v}" for k, v in e.ggml_types.items())
+
+def _export_section(export_res: ExportResult, out_dir: Path) -> list[str]:
+    out: list[str] = []
+    e = export_res
+    rel = e.directory.relative_to(out_dir).as_posix()
+    out.append(f"## Export of trial {e.trial}")
+    out.append("")
+    out.append(f"- `{rel}/plan.json`: `python -m bo_search.evaluate --config {e.plan_json}`")
+    out.append(f"- `{rel}/torchao_config.json`: torchao `FqnToConfig` (per layer: config class and arguments); apply with:")
+    out.append("")
+    out.append("```python")
+    out.append(_apply_snippet(e.torchao_json))
+    out.append("```")
+    out.append("")
+    types = ", ".join(f"{k} x{v}" for k, v in e.ggml_types.items())
+    out.append(
+        f"- `{rel}/llama_cpp_tensor_types.txt` and `{rel}/llama_quantize.sh`: llama.cpp `--tensor-type NAME=TYPE` per tensor ({types})."
+    )
+    out.append("  **Nearest mapping, not identical numerics**: llama.cpp's block formats differ from bo_search's codes.")
+    for n in e.gguf_notes:
+        out.append(f"  - {n}")
+    if e.checkpoint is not None:
         out.append(
-            f"- `{rel}/llama_cpp_tensor_types.txt` and `{rel}/llama_quantize.sh`: llama.cpp `--tensor-type NAME=TYPE` per tensor ({types})."
+            f"- `{rel}/checkpoint/`: packed weights + config + tokenizer; `from bo_search.export import load_quantized; model, tok = load_quantized('{e.checkpoint}')`"
         )
-        out.append("  **Nearest mapping, not identical numerics**: llama.cpp's block formats differ from bo_search's codes.")
-        for n in e.gguf_notes:
-            out.append(f"  - {n}")
-        if e.checkpoint is not None:
+        if e.checkpoint_check is not None:
+            c = e.checkpoint_check
             out.append(
-                f"- `{rel}/checkpoint/`: packed weights + config + tokenizer; `from bo_search.export import load_quantized; model, tok = load_quantized('{e.checkpoint}')`"
+                f"  - reloaded and checked: held-out perplexity {c['ppl_heldout_checkpoint']:.4f} vs {c['ppl_heldout_plan']:.4f} for the plan ({100 * c['rel_diff']:+.3f}%)"
             )
-            if e.checkpoint_check is not None:
-                c = e.checkpoint_check
-                out.append(
-                    f"  - reloaded and checked: held-out perplexity {c['ppl_heldout_checkpoint']:.4f} vs {c['ppl_heldout_plan']:.4f} for the plan ({100 * c['rel_diff']:+.3f}%)"
-                )
-        out.append("")
-    return "\n".join(out)
+    out.append("")
+    return out
 
 
 def _apply_snippet(path: Path) -> str:
-
     return TORCHAO_APPLY.format(path=path.as_posix())

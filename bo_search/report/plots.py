@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +139,25 @@ def plot_tradeoff(an: Analysis, ev: Evaluation | None, path: Path) -> Path:
     log_y = bool(ys) and min(ys) > 0 and max(ys) / min(ys) > 4
     if log_y:
         ax.set_yscale("log")
+    _draw_trials(ax, an, pts, xval)
+    lim = an.limit
+    labels = _draw_baselines(ax, an, baselines, [xval(r) for r in pts])
+    _draw_limit(ax, an)
+    _label_axes(ax, an, pts, ys, log_y)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False, borderaxespad=0.0)
+    fig.tight_layout()
+    if labels:
+        obstacles = [(xval(r), float(r.cal_PPL or 0.0)) for r in pts] + [(x, y) for x, y, _t, _c in labels]
+        vlines = [lim.value] if lim.known and not thr else []
+        _place_labels(ax, labels, obstacles, [float(v) for v in vlines if v is not None])
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
+
+def _draw_trials(ax: Any, an: Analysis, pts: Sequence[HistoryRow], xval: Callable[[HistoryRow], float]) -> None:
+    """Completed trials by source, the Pareto front and the best feasible plan."""
+    thr = an.by_throughput
     # trials by source (seeds first so BO points are drawn on top)
     order = ["seed", "sobol", "random", "repaired", "bo"]
     sources = sorted({r.source for r in pts}, key=lambda s: order.index(s) if s in order else len(order))
@@ -175,8 +193,13 @@ def plot_tradeoff(an: Analysis, ev: Evaluation | None, path: Path) -> Path:
         ax.scatter([xval(top)], [float(top.cal_PPL or 0.0)], marker="*", s=320, c="gold", edgecolors="black", linewidths=0.9, zorder=5,
                    label=f"best feasible: trial {top.trial_index}, ppl {top.cal_PPL:.2f} at {what}")  # fmt: skip
 
+
+def _draw_baselines(ax: Any, an: Analysis, baselines: Sequence[Baseline], xs: list[float]) -> list[tuple[float, float, str, str]]:
+    """Uniform baselines (the ones far outside the trials' range pinned to the edge) and the x range;
+    returns the labels to place."""
+    thr = an.by_throughput
     # x range from the trials (and the limit); baselines far outside are pinned to the edge
-    xs = [xval(r) for r in pts]
+    xs = list(xs)
     lim = an.limit
     if not thr:
         xs += [v for v in (lim.value, lim.low, lim.high) if v is not None]
@@ -225,7 +248,11 @@ def plot_tradeoff(an: Analysis, ev: Evaluation | None, path: Path) -> Path:
             ax.axhline(b.ppl, color="dimgray", lw=0.8, ls=":", zorder=1)
             labels.append((ax.get_xlim()[0], b.ppl, f"{b.short}: ppl {b.ppl:.2f}", "dimgray"))
 
-    # limit
+    return labels
+
+
+def _draw_limit(ax: Any, an: Analysis) -> None:
+    thr, lim = an.by_throughput, an.limit
     if thr and lim.known:
         ax.axhline(float(lim.value or 0.0), color="tab:red", ls="--", lw=1.2, zorder=1, label=f"perplexity limit {lim.value:.4g}")
     elif not thr and lim.known:
@@ -236,6 +263,9 @@ def plot_tradeoff(an: Analysis, ev: Evaluation | None, path: Path) -> Path:
         ax.axvspan(lim.low, lim.high, color="tab:red", alpha=0.15, lw=0, zorder=0,
                    label=f"size limit (inferred: {lim.low:.5g}-{lim.high:.5g} GB)")  # fmt: skip
 
+
+def _label_axes(ax: Any, an: Analysis, pts: Sequence[HistoryRow], ys: Sequence[float], log_y: bool) -> None:
+    thr = an.by_throughput
     if thr:
         kind = {r.throughput_kind for r in pts if r.throughput_kind}
         ax.set_xlabel("throughput (tokens/s" + (f", {'/'.join(sorted(kind))}" if kind else "") + ")")
@@ -259,15 +289,6 @@ def plot_tradeoff(an: Analysis, ev: Evaluation | None, path: Path) -> Path:
     if an.skipped:
         sub.append(f"{len(an.skipped)} corrupt rows skipped")
     ax.set_title(title + "\n" + "; ".join(sub), fontsize=10, pad=10)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False, borderaxespad=0.0)
-    fig.tight_layout()
-    if labels:
-        obstacles = [(xval(r), float(r.cal_PPL or 0.0)) for r in pts] + [(x, y) for x, y, _t, _c in labels]
-        vlines = [lim.value] if lim.known and not thr else []
-        _place_labels(ax, labels, obstacles, [float(v) for v in vlines if v is not None])
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 def _log_axis(axis: Any, values: Sequence[float]) -> None:

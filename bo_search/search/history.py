@@ -70,7 +70,6 @@ class HistoryWriter:
     """Appends rows to the CSV; each row is flushed and fsynced before ``append`` returns."""
 
     def __init__(self, path: str | os.PathLike[str]):
-
         self.path = Path(path)
         new = not self.path.exists() or self.path.stat().st_size == 0
         check_output_path(self.path)

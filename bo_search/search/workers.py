@@ -11,6 +11,11 @@ A dead actor's trial is reported failed: "node lost" when its node left the clus
 died". A replacement is requested at once; Ray places it when the cluster has room (a node joins),
 and until then the search goes on with the workers that remain. :meth:`WorkerPool.unplaced_s` tells
 the search how long it has had no worker at all, so it can stop with a clear message.
+
+Over the ~400-line guide on purpose: this is the one module that imports ray (after
+:func:`~bo_search.ray_env.apply_loopback_env`, which the loopback test relies on). The actor and the
+pool that places, watches and replaces it share the placement and death rules; split, both halves
+would touch ray.
 """
 
 from __future__ import annotations

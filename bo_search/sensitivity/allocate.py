@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from bo_search.quant import SizeModel
+from bo_search.sizes import SizeModel
 from bo_search.space import SearchSpace
 from bo_search.types import FULL_PRECISION, FULL_PRECISION_BITS, UserError, did_you_mean
 

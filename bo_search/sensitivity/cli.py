@@ -63,7 +63,6 @@ def correlations(tables: Mapping[str, Sensitivity], space: SearchSpace) -> list[
 
 
 def build_parser() -> argparse.ArgumentParser:
-
     p = argparse.ArgumentParser(
         prog="python -m bo_search.sensitivity",
         description="Per-layer quantization sensitivity (FIT, Hessian trace, measured) on the calibration split, with the predicted "
@@ -179,7 +178,6 @@ def _blocks(args: argparse.Namespace, n_blocks: int) -> list[int] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-
     return cli.run_main(_main, build_parser(), argv)
 
 
@@ -245,7 +243,6 @@ def _print_summary(sens: Sensitivity) -> None:
 
 
 def _compare(args: argparse.Namespace, setup: Structure) -> int:
-
     tables: dict[str, Sensitivity] = {}
     for path in args.compare:
         sens = Sensitivity.load(path)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bo_search import cli
-from bo_search.quant import SizeModel
 from bo_search.sensitivity.allocate import build_knapsack, check_budget, get_solver, pick_values, total_bits_limit
+from bo_search.sizes import SizeModel
 from bo_search.space import SearchSpace
 from bo_search.types import UserError
 

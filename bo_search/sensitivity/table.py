@@ -146,7 +146,6 @@ class Sensitivity:
         }
 
     def save(self, path: str | Path) -> None:
-
         write_json(path, self.to_json())
 
     @classmethod

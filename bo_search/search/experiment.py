@@ -1,0 +1,122 @@
+"""The Ax experiment of record: what a search optimises (:class:`Goal`), the wrapper over the Ax
+``Client`` (:class:`AxDriver`: parameters, seeds, completion, failure), and attaching a resumed
+search's history to it.
+
+Imports neither torch nor ray."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bo_search.search.history import HistoryRow
+from bo_search.search.strategies import DriverConfig, make_generation_strategy
+from bo_search.space import SearchSpace, ax_parameters, from_ax, to_ax
+from bo_search.types import UserError
+
+
+@dataclass(frozen=True)
+class Goal:
+    """What the search optimises and under which constraint."""
+
+    objective: str  # Ax metric name(s): "nll" (minimised), "throughput" (maximised), or "nll, model_size_gb" (Pareto)
+    minimize: bool
+    constraint_metric: str  # "model_size_gb", "ppl", or "" (Pareto: none)
+    limit: float  # constraint: metric <= limit
+    search: str  # modelsize | throughput | pareto (recorded in the CSV)
+    #: multi-objective only: objective thresholds (metric <= value), the corner of the region of interest
+    thresholds: tuple[tuple[str, float], ...] = ()
+
+    @property
+    def multi(self) -> bool:
+        return "," in self.objective
+
+
+DETERMINISTIC_METRICS = ("nll", "ppl")
+
+
+class AxDriver:
+    """A thin wrapper over the Ax ``Client`` speaking in tunable-parameter dicts."""
+
+    def __init__(self, space: SearchSpace, goal: Goal, cfg: DriverConfig, node: Any = None):
+        import warnings
+
+        from ax.api.client import Client
+        from ax.api.configs import ChoiceParameterConfig, RangeParameterConfig
+        from ax.utils.common.logger import set_ax_logger_levels
+
+        set_ax_logger_levels(logging.ERROR)  # e.g. the expected 'missing metrics' of over-limit proposals
+        warnings.filterwarnings("ignore", module="ax")
+        warnings.filterwarnings("ignore", module="botorch")
+        warnings.filterwarnings("ignore", module="linear_operator")
+        warnings.filterwarnings("ignore", module="gpytorch")
+        self.space, self.goal, self.cfg = space, goal, cfg
+        if not space.tunable:
+            raise UserError(f"parameter space {space.source} has no tunable parameter: every entry is fixed")
+        params: list[Any] = []
+        for ap in ax_parameters(space, cfg.encoding):
+            if ap.kind == "float":
+                params.append(RangeParameterConfig(name=ap.name, bounds=(0.0, 1.0), parameter_type="float"))
+            else:
+                params.append(ChoiceParameterConfig(name=ap.name, values=list(ap.values), parameter_type="int", is_ordered=True))
+        self.client = Client(random_seed=cfg.seed)
+        self.client.configure_experiment(parameters=params, name=f"bo_search-{goal.search}")
+        if goal.multi:
+            objective = ", ".join("-" + name.strip() for name in goal.objective.split(","))
+            # In Ax's multi-objective form a bound on an objective metric is that objective's threshold.
+            constraints = [f"{name} <= {value!r}" for name, value in goal.thresholds]
+        else:
+            objective = ("-" if goal.minimize else "") + goal.objective
+            constraints = [f"{goal.constraint_metric} <= {goal.limit!r}"]
+        self.client.configure_optimization(objective=objective, outcome_constraints=constraints)
+        self.node = node
+        self.client.set_generation_strategy(make_generation_strategy(cfg, node))
+
+    def attach(self, values: Mapping[str, int]) -> int:
+        return self.client.attach_trial(parameters=to_ax(self.space, values, self.cfg.encoding))
+
+    def propose(self) -> tuple[int, dict[str, int], str] | None:
+        """One new trial: (index, tunable values, generation node name), or None if Ax gave none."""
+        trials = self.client.get_next_trials(max_trials=1)
+        if not trials:
+            return None
+        idx, params = next(iter(trials.items()))
+        node = self.client._experiment.trials[idx].generator_runs[0]._generation_node_name or "?"
+        return idx, from_ax(self.space, params, self.cfg.encoding), node.lower()
+
+    def complete(self, index: int, data: Mapping[str, float | tuple[float, float | None]]) -> None:
+        raw = {k: (v if isinstance(v, tuple) else float(v)) for k, v in data.items()}
+        self.client.complete_trial(trial_index=index, raw_data=raw)  # type: ignore[arg-type]
+
+    def fail(self, index: int, reason: str) -> None:
+        self.client.mark_trial_failed(trial_index=index, failed_reason=reason)
+
+    def abandon(self, index: int) -> None:
+        self.client.mark_trial_abandoned(trial_index=index)
+
+
+def attach_history(driver: AxDriver, rows: Sequence[HistoryRow]) -> int:
+    """Attach every row of a history to a fresh experiment (completed with their metrics, infeasible
+    with their exact size, failed and abandoned as such). Returns the index offset for new rows."""
+    for row in rows:
+        values = driver.space.encode(row.plan)
+        idx = driver.attach(values)
+        if row.status == "completed":
+            data: dict[str, float | tuple[float, float | None]] = {"model_size_gb": (float(row.model_size or 0.0), 0.0)}
+            if row.nll is not None:
+                data["nll"] = row.nll
+            if row.cal_PPL is not None:
+                data["ppl"] = row.cal_PPL
+            if row.cal_throughput is not None:
+                data["throughput"] = (row.cal_throughput, row.cal_throughput_sem)
+            driver.complete(idx, data)
+        elif row.status == "infeasible":
+            driver.complete(idx, {"model_size_gb": (float(row.model_size or 0.0), 0.0)})
+        elif row.status == "failed":
+            driver.fail(idx, row.reason or "failed")
+        else:
+            driver.abandon(idx)
+    next_index = max((r.trial_index for r in rows), default=-1) + 1
+    return next_index - len(rows)

@@ -1,0 +1,104 @@
+"""What a search starts from: its seeds (``--initial_samples``) and the Thompson strategy's prior
+table and generation node."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bo_search import cli
+from bo_search.sensitivity.table import Sensitivity
+from bo_search.space import load_initial_samples
+
+if TYPE_CHECKING:
+    from bo_search.search.experiment import Goal
+    from bo_search.search.runner import Setup
+
+
+def fit_table(setup: Setup) -> Sensitivity:
+    """FIT on the calibration split for this model and space: computed in this process once (then
+    cached on disk, see sensitivity.cached_sensitivity)."""
+    from bo_search.sensitivity.cache import cached_sensitivity
+    from bo_search.sensitivity.seeds import AUTO_METHOD
+
+    if AUTO_METHOD not in setup.tables:
+        t0 = time.perf_counter()
+        print(f"{AUTO_METHOD} sensitivity on the calibration split (computed once per model and space, then cached)", flush=True)
+        sens, path, hit = cached_sensitivity(setup.eval_cfg, setup.ref, setup.layers, setup.space, AUTO_METHOD, progress=cli.progress)
+        print(
+            f"{AUTO_METHOD} sensitivity {'read from' if hit else 'computed and cached in'} {path} ({time.perf_counter() - t0:.1f} s)",
+            flush=True,
+        )
+        setup.tables[AUTO_METHOD] = sens
+    return setup.tables[AUTO_METHOD]
+
+
+def resolve_prior(setup: Setup) -> Sensitivity | None:
+    """The Sensitivity table the thompson strategy's prior is centred on, or None (flat)."""
+    args = setup.args
+    spec = getattr(args, "prior", "auto")
+    if spec == "none":
+        return None
+    if spec == "auto":
+        init = getattr(args, "initial_samples", "")
+        if init not in ("auto", "uniform", "none", "") and Path(init).is_file():
+            try:
+                rec = json.loads(Path(init).read_text(encoding="utf-8")).get("seeding", {}).get("sensitivity", {})
+            except (json.JSONDecodeError, AttributeError):
+                rec = {}
+            if isinstance(rec, dict) and rec.get("path") and Path(rec["path"]).is_file():
+                spec = rec["path"]
+                print(f"prior: the sensitivity table the seeds were allocated from, {spec}", flush=True)
+        if spec == "auto":
+            return fit_table(setup)
+    sens = Sensitivity.load(spec)
+    sens.check_model(setup.ref.fingerprint, setup.ref.name, setup.layers.fqns)
+    sens.slot_costs(setup.space)  # UserError if it cannot price every choice of this space
+    return sens
+
+
+def thompson_node(setup: Setup, goal: Goal, prior: Sensitivity | None, encoding: str) -> Any:
+    """The Thompson generation node for ``goal``: budget = the size limit (bits left for the space's
+    slots), the perplexity limit (NLL), or a sweep of budgets (Pareto)."""
+    from bo_search.budget import SlotSizes
+    from bo_search.search.mckp import build_problem
+    from bo_search.search.thompson import Acquisition, ThompsonConfig, make_thompson_node
+    from bo_search.sensitivity.allocate import total_bits_limit
+
+    args = setup.args
+    cfg = ThompsonConfig(rel_sd=args.ts_prior_sd, temper=args.ts_temper, seed=args.seed)
+    sizes = SlotSizes(setup.space, setup.size_model)
+    problem = build_problem(setup.space, sizes, prior.slot_costs(setup.space) if prior is not None else None)
+    if goal.multi:
+        acq = Acquisition("sweep", 0.0)
+    elif goal.constraint_metric == "model_size_gb":
+        acq = Acquisition("budget", float(total_bits_limit(goal.limit) - sizes.base_bits))
+    else:
+        acq = Acquisition("loss", math.log(goal.limit))
+    return make_thompson_node(setup.space, encoding, problem, acq, "nll", cfg)
+
+
+def seeds_for(setup: Setup, spec: str, limit_gb: float) -> list[dict[str, int]]:
+    if spec in ("none", ""):
+        return []
+    if spec == "uniform":
+        from bo_search.sensitivity.seeds import uniform_seeds
+
+        return uniform_seeds(setup.space, setup.size_model, limit_gb)
+    if spec == "auto":
+        from bo_search.sensitivity.seeds import auto_seeds
+
+        return auto_seeds(setup, limit_gb, fit_table(setup))
+    return load_initial_samples(spec, setup.space)
+
+
+def ladder_seeds(setup: Setup) -> list[dict[str, int]]:
+    """Uniform plans at every bit width of the space (middle group size): seeds spanning a trade-off."""
+    space = setup.space
+    groups = sorted({v for p in space.tunable if p.kind == "group_size" for v in p.values})
+    g = groups[len(groups) // 2] if groups else None
+    bits = sorted({v for p in space.tunable if p.kind == "bits" for v in p.values})
+    return [vals for b in bits if (vals := space.uniform(b, g, check_fixed=False)) is not None]

@@ -1,0 +1,178 @@
+"""What a search prints: worker placement at the start, one line per trial without a progress
+bar, and the end summary (best plan, held-out perplexity, front, trials per worker)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bo_search import cli
+from bo_search.search.history import COLUMNS, pareto_front, read_history
+
+if TYPE_CHECKING:
+    from bo_search.search.driver import SearchStats
+    from bo_search.search.experiment import Goal
+    from bo_search.search.runner import Setup
+    from bo_search.search.workers import WorkerPool
+
+
+def workers_ready(pool: WorkerPool) -> None:
+    pool.wait_ready()
+    nodes = len({i["node_id"] for i in pool.infos})
+    on_driver = sum(i["node_id"] == pool.driver_node for i in pool.infos)
+    print(
+        f"workers ready (model load {max(pool.load_times):.1f} s; {pool.size} worker(s) on {nodes} Ray node(s), {on_driver} on the driver's node)",
+        flush=True,
+    )
+    print("\n".join(pool.placement_lines()), flush=True)
+
+
+def print_row(row: Any) -> None:
+    """One line per finished trial when stderr is not a terminal (no progress bar)."""
+    what = f"ppl {row.cal_PPL:.4g}" if row.cal_PPL is not None else ""
+    if row.cal_throughput is not None:
+        what += f" {row.cal_throughput:.1f} tok/s"
+    took = (row.quantize_s or 0) + (row.evaluate_s or 0)
+    print(
+        f"trial {row.trial_index} {row.status} ({row.source}) {what} size {row.model_size:.6g} GB {took:.1f} s {row.reason}".rstrip(),
+        flush=True,
+    )
+
+
+def print_placement(rows: Any, pool: WorkerPool | None) -> None:
+    """Where the trials ran (the CSV's worker_id: worker@node-ip/node-id:gpuN), and nodes lost."""
+    from collections import Counter
+
+    per = Counter(r.worker_id for r in rows if r.status in ("completed", "failed") and r.worker_id)
+    if per:
+        print("trials per worker (whole history): " + ", ".join(f"{w} {n}" for w, n in sorted(per.items())))
+    lost = sum(r.status == "failed" and r.reason.startswith("node lost") for r in rows)
+    if lost or (pool is not None and getattr(pool, "restarts", 0)):
+        print(f"{lost} trial(s) failed with their node lost; {getattr(pool, 'restarts', 0)} replacement worker(s) requested this run")
+
+
+def summarize(setup: Setup, goal: Goal, stats: SearchStats | None, pool: WorkerPool | None, wall_s: float) -> None:
+    """Best feasible plan (with held-out perplexity), run statistics, best-plan JSON."""
+
+    rows = read_history(setup.history_path, strict=True).rows
+    comp = [r for r in rows if r.status == "completed"]
+    if goal.multi:
+        pareto_summary(setup, comp, pool)
+        return
+    if goal.constraint_metric == "model_size_gb":
+        feas = [r for r in comp if r.model_size is not None and r.model_size <= goal.limit]
+    else:
+        feas = [r for r in comp if r.cal_PPL is not None and r.cal_PPL <= goal.limit]
+    n_failed = sum(r.status == "failed" for r in rows)
+    n_inf = sum(r.status == "infeasible" for r in rows)
+    print(f"\n{len(comp)} completed, {n_failed} failed, {n_inf} proposals over the limit (not evaluated), in {wall_s:.0f} s")
+    print_placement(rows, pool)
+    if stats is not None and stats.evaluated:
+        props = stats.proposal_s
+        mean_prop = sum(props) / len(props) if props else 0.0
+        print(
+            f"proposal time: mean {mean_prop:.2f} s over {len(props)} proposals; worker idle waiting for proposals: {100 * stats.idle_fraction:.1f}%"
+        )
+    if not feas:
+        smallest = min((r.model_size for r in comp if r.model_size is not None), default=None)
+        what = f"size limit {goal.limit:.6g} GB" if goal.constraint_metric == "model_size_gb" else f"perplexity limit {goal.limit:.6g}"
+        print(
+            f"no completed trial fits the {what}" + (f"; the smallest evaluated size was {smallest:.6g} GB" if smallest is not None else "")
+        )
+        if goal.constraint_metric != "model_size_gb" and comp:
+            print(f"the lowest perplexity seen was {min(r.cal_PPL for r in comp if r.cal_PPL is not None):.4g}")
+        return
+    best = min(feas, key=lambda r: r.cal_PPL or math.inf) if goal.minimize else max(feas, key=lambda r: r.cal_throughput or -math.inf)
+    heldout = best.ppl_heldout
+    if heldout is None and pool is not None and _can_measure(pool, setup):
+        heldout = pool.heldout([best.plan])[0]
+        if heldout is not None:
+            _fill_heldout(setup.history_path, best.trial_index, heldout)
+    out = Path(setup.args.best_plan_output or str(setup.history_path) + ".best_plan.json")
+    cli.write_json(
+        out,
+        {
+            **best.plan.to_json(),
+            "trial_index": best.trial_index,
+            "cal_PPL": best.cal_PPL,
+            "ppl_heldout": heldout,
+            "model_size_gb": best.model_size,
+            "avg_bits": best.avg_bits,
+            "cal_throughput": best.cal_throughput,
+        },
+    )
+    print(
+        f"best feasible trial {best.trial_index} ({best.source}): size {best.model_size:.6g} GB, {best.avg_bits:.3f} avg bits, perplexity {best.cal_PPL:.4f} (search split)"
+        + (f", {heldout:.4f} (held-out)" if heldout is not None else "")
+    )
+    if best.cal_throughput is not None:
+        print(f"  throughput {best.cal_throughput:.2f} tok/s {best.throughput_kind}")
+    kind = "ggml types" if any(lq.ggml_type for lq in best.plan.values()) else "bit widths"
+    print(f"  {kind}: {json.dumps(best.plan.histogram())}")
+    print(f"  plan written to {out} (python -m bo_search.evaluate --config {out})")
+
+
+def pareto_summary(setup: Setup, comp: list[Any], pool: WorkerPool | None) -> None:
+    """Print the perplexity/size Pareto front (held-out perplexity of each point computed once and
+    recorded in the history) and write it as JSON."""
+
+    pts = [r for r in comp if r.cal_PPL is not None and r.model_size is not None]
+    if not pts:
+        print("no completed trial: no Pareto front")
+        return
+    front = [pts[i] for i in pareto_front([(r.model_size, r.cal_PPL) for r in pts])]
+    missing = [r for r in front if r.ppl_heldout is None]
+    if missing and pool is not None and _can_measure(pool, setup):
+        for r, value in zip(missing, pool.heldout([r.plan for r in missing])):
+            if value is not None:
+                r.ppl_heldout = value
+                _fill_heldout(setup.history_path, r.trial_index, value)
+    rows = [
+        {
+            "trial": r.trial_index,
+            "source": r.source,
+            "model_size_gb": r.model_size,
+            "avg_bits": r.avg_bits,
+            "ppl": r.cal_PPL,
+            "ppl_heldout": r.ppl_heldout,
+        }
+        for r in front
+    ]
+    print(f"Pareto front ({len(front)} of {len(pts)} completed trials; perplexity and size both minimised):")
+    print(cli.table(rows, ["trial", "source", "model_size_gb", "avg_bits", "ppl", "ppl_heldout"]))
+    out = Path(setup.args.best_plan_output or str(setup.history_path) + ".pareto.json")
+    cli.write_json(out, {"front": [{**row, **r.plan.to_json()} for row, r in zip(rows, front)]})
+    print(f"front written to {out}")
+
+
+def _can_measure(pool: WorkerPool, setup: Setup) -> bool:
+    """Whether held-out perplexity can be measured now (a worker is up; --heldout_tokens > 0)."""
+    if pool is None or setup.eval_cfg.heldout_tokens <= 0:
+        return False
+    if not pool.has_ready():
+        print("held-out perplexity not measured: no worker is placed (python -m bo_search.report HISTORY.csv measures it later)")
+        return False
+    return True
+
+
+def _fill_heldout(path: Path, trial_index: int, value: float) -> None:
+    """Record a held-out perplexity in the history: rewritten to a temp file, fsynced, renamed."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        if r.get("trial_index") == str(trial_index) and r.get("status") == "completed":
+            r["ppl_heldout"] = repr(value)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in COLUMNS})
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
