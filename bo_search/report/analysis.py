@@ -128,16 +128,7 @@ def load_history(path: str | Path) -> LoadedHistory:
 def analyse(loaded: LoadedHistory, path: str | Path, opts: ReportOptions) -> Analysis:
     rows = loaded.rows
     notes: list[str] = []
-    kinds = Counter(r.search for r in rows if r.search)
-    if kinds:
-        search = kinds.most_common(1)[0][0]
-        if len(kinds) > 1:
-            notes.append(f"the history mixes search kinds {dict(kinds)}; reported as {search}")
-    else:
-        search = "throughput" if any(r.cal_throughput is not None for r in rows) else "modelsize"
-    if search not in SEARCH_KINDS:
-        notes.append(f"unknown search kind {search!r}: reported like a model-size search")
-        search = "modelsize"
+    search = _search_kind(rows, notes)
     models = Counter(r.model_id for r in rows if r.model_id)
     model_id = models.most_common(1)[0][0] if models else ""
     if len(models) > 1:
@@ -154,32 +145,9 @@ def analyse(loaded: LoadedHistory, path: str | Path, opts: ReportOptions) -> Ana
         notes.append(f"{len(completed) - len(with_ppl)} completed trial(s) have no perplexity and are not plotted")
 
     if search == "throughput":
-        limit = _ppl_limit(rows, opts)
-        measured = [r for r in with_ppl if r.cal_throughput is not None]
-        feasible = [r for r in measured if limit.value is None or (r.cal_PPL or math.inf) <= limit.value]
-        best = max(feasible, key=lambda r: r.cal_throughput or -math.inf) if feasible else None
-        best_why = "highest throughput" + (
-            f" with perplexity <= {limit.value:.4g}" if limit.known else " (perplexity limit unknown: pass --ppl_limit)"
-        )
-        pts = [(-(r.cal_throughput or 0.0), r.cal_PPL or math.inf) for r in measured]
-        front = [measured[i] for i in pareto_front(pts)]
-        front.sort(key=lambda r: r.cal_throughput or 0.0)
+        limit, feasible, best, best_why, front = _by_throughput(rows, with_ppl, opts)
     else:
-        limit = _size_limit(rows, completed, infeasible, search, opts)
-        if limit.known:
-            feasible = [r for r in with_ppl if r.model_size is not None and r.model_size <= (limit.value or 0.0) * (1 + 1e-9)]
-        else:
-            feasible = list(with_ppl)  # a size search evaluates only plans under its limit
-        best = min(feasible, key=lambda r: r.cal_PPL or math.inf) if feasible else None
-        if search == "pareto" and not limit.known:
-            best_why = "lowest perplexity of any size (no size limit: pass --model_size_constraint GB to choose under a budget)"
-        else:
-            best_why = "lowest perplexity" + (
-                f" within {limit.value:.6g} GB" if limit.known else " among evaluated trials (all fit the search's limit)"
-            )
-        pts = [(r.model_size or 0.0, r.cal_PPL or math.inf) for r in with_ppl]
-        front = [with_ppl[i] for i in pareto_front(pts)]
-
+        limit, feasible, best, best_why, front = _by_size(rows, completed, infeasible, with_ppl, search, opts)
     group_sizes: set[int] = set()
     sym: set[bool] = set()
     for r in rows:
@@ -208,6 +176,64 @@ def analyse(loaded: LoadedHistory, path: str | Path, opts: ReportOptions) -> Ana
         symmetric=sym == {True},
         notes=notes,
     )
+
+
+def _search_kind(rows: Sequence[HistoryRow], notes: list[str]) -> str:
+    kinds = Counter(r.search for r in rows if r.search)
+    if kinds:
+        search = kinds.most_common(1)[0][0]
+        if len(kinds) > 1:
+            notes.append(f"the history mixes search kinds {dict(kinds)}; reported as {search}")
+    else:
+        search = "throughput" if any(r.cal_throughput is not None for r in rows) else "modelsize"
+    if search not in SEARCH_KINDS:
+        notes.append(f"unknown search kind {search!r}: reported like a model-size search")
+        search = "modelsize"
+    return search
+
+
+_Choice = tuple[Limit, list[HistoryRow], HistoryRow | None, str, list[HistoryRow]]
+
+
+def _by_throughput(rows: Sequence[HistoryRow], with_ppl: list[HistoryRow], opts: ReportOptions) -> _Choice:
+    """Limit, feasible trials, the best one and why, the front: highest throughput under the perplexity limit."""
+    limit = _ppl_limit(rows, opts)
+    measured = [r for r in with_ppl if r.cal_throughput is not None]
+    feasible = [r for r in measured if limit.value is None or (r.cal_PPL or math.inf) <= limit.value]
+    best = max(feasible, key=lambda r: r.cal_throughput or -math.inf) if feasible else None
+    best_why = "highest throughput" + (
+        f" with perplexity <= {limit.value:.4g}" if limit.known else " (perplexity limit unknown: pass --ppl_limit)"
+    )
+    pts = [(-(r.cal_throughput or 0.0), r.cal_PPL or math.inf) for r in measured]
+    front = [measured[i] for i in pareto_front(pts)]
+    front.sort(key=lambda r: r.cal_throughput or 0.0)
+    return limit, feasible, best, best_why, front
+
+
+def _by_size(
+    rows: Sequence[HistoryRow],
+    completed: list[HistoryRow],
+    infeasible: list[HistoryRow],
+    with_ppl: list[HistoryRow],
+    search: str,
+    opts: ReportOptions,
+) -> _Choice:
+    """The same for a size (or Pareto) search: lowest perplexity within the size limit."""
+    limit = _size_limit(rows, completed, infeasible, search, opts)
+    if limit.known:
+        feasible = [r for r in with_ppl if r.model_size is not None and r.model_size <= (limit.value or 0.0) * (1 + 1e-9)]
+    else:
+        feasible = list(with_ppl)  # a size search evaluates only plans under its limit
+    best = min(feasible, key=lambda r: r.cal_PPL or math.inf) if feasible else None
+    if search == "pareto" and not limit.known:
+        best_why = "lowest perplexity of any size (no size limit: pass --model_size_constraint GB to choose under a budget)"
+    else:
+        best_why = "lowest perplexity" + (
+            f" within {limit.value:.6g} GB" if limit.known else " among evaluated trials (all fit the search's limit)"
+        )
+    pts = [(r.model_size or 0.0, r.cal_PPL or math.inf) for r in with_ppl]
+    front = [with_ppl[i] for i in pareto_front(pts)]
+    return limit, feasible, best, best_why, front
 
 
 def _recorded_limit(rows: Sequence[HistoryRow]) -> float | None:

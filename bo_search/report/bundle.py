@@ -7,14 +7,14 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bo_search.cli import write_json
 from bo_search.report import export
 from bo_search.report.analysis import Analysis, ReportOptions
 from bo_search.report.baselines import heldout_direct
 from bo_search.search.history import HistoryRow
-from bo_search.types import UserError
+from bo_search.types import QuantPlan, UserError
 
 if TYPE_CHECKING:
     from bo_search.model import ModelLayers
@@ -47,7 +47,6 @@ def write_exports(
     model_type: str | None,
     heldout: float | None,
 ) -> ExportResult:
-
     d = out_dir / f"export_trial_{row.trial_index}"
     d.mkdir(parents=True, exist_ok=True)
     plan = row.plan
@@ -72,6 +71,29 @@ def write_exports(
     tao_json = d / "torchao_config.json"
     write_json(tao_json, tao)
     types, notes = export.gguf_tensor_types(plan, layers, model_type)
+    args_path, script, per_note = _write_llama_cpp(d, an, row, types, notes)
+    result = ExportResult(
+        trial=row.trial_index,
+        directory=d,
+        plan_json=plan_json,
+        torchao_json=tao_json,
+        llama_args=args_path,
+        llama_script=script,
+        ggml_types=dict(Counter(t.ggml_type for t in types).most_common()),
+        gguf_notes=notes + per_note,
+    )
+    if opts.save_checkpoint:
+        if ctx is None:
+            raise UserError("--save_checkpoint needs the model: pass --checkpoint (the search's model)")
+        _save_checkpoint(result, ctx, plan, d, info, opts.evaluate, heldout)
+    return result
+
+
+def _write_llama_cpp(
+    d: Path, an: Analysis, row: HistoryRow, types: list[export.GgufTensorType], notes: list[str]
+) -> tuple[Path, Path, list[str]]:
+    """``llama_cpp_tensor_types.txt`` and ``llama_quantize.sh``; returns them and the per-tensor notes."""
+    plan = row.plan
     args_path = d / "llama_cpp_tensor_types.txt"
     is_ggml = bool(plan) and all(lq.ggml_type for lq in plan.values())
     disclaimer = export.GGUF_EXACT if is_ggml else export.GGUF_DISCLAIMER
@@ -92,29 +114,22 @@ def write_exports(
         + "\n",
         encoding="utf-8",
     )
-    result = ExportResult(
-        trial=row.trial_index,
-        directory=d,
-        plan_json=plan_json,
-        torchao_json=tao_json,
-        llama_args=args_path,
-        llama_script=script,
-        ggml_types=dict(Counter(t.ggml_type for t in types).most_common()),
-        gguf_notes=notes + per_note,
-    )
-    if opts.save_checkpoint:
-        if ctx is None:
-            raise UserError("--save_checkpoint needs the model: pass --checkpoint (the search's model)")
-        ckpt = export.save_checkpoint(ctx, plan, d / "checkpoint", info)
-        result.checkpoint = ckpt
-        if opts.evaluate and ctx.heldout_windows is not None:
-            from bo_search.metrics import perplexity
+    return args_path, script, per_note
 
-            model, _tok = export.load_quantized(ckpt)
-            loaded = perplexity(model, ctx.heldout_windows, ctx.cfg.batch_size).ppl
-            del model
-            ref = heldout if heldout is not None else heldout_direct(ctx, plan)
-            result.checkpoint_check = {"ppl_heldout_plan": ref, "ppl_heldout_checkpoint": loaded, "rel_diff": loaded / ref - 1}
-            if abs(loaded / ref - 1) > 0.005:
-                log.warning("exported checkpoint held-out perplexity %.4f differs from the plan's %.4f by more than 0.5%%", loaded, ref)
-    return result
+
+def _save_checkpoint(
+    result: ExportResult, ctx: ModelContext, plan: QuantPlan, d: Path, info: dict[str, Any], evaluate: bool, heldout: float | None
+) -> None:
+    """The packed checkpoint; with ``evaluate``, reloaded and its held-out perplexity checked against the plan's."""
+    ckpt = export.save_checkpoint(ctx, plan, d / "checkpoint", info)
+    result.checkpoint = ckpt
+    if evaluate and ctx.heldout_windows is not None:
+        from bo_search.metrics import perplexity
+
+        model, _tok = export.load_quantized(ckpt)
+        loaded = perplexity(model, ctx.heldout_windows, ctx.cfg.batch_size).ppl
+        del model
+        ref = heldout if heldout is not None else heldout_direct(ctx, plan)
+        result.checkpoint_check = {"ppl_heldout_plan": ref, "ppl_heldout_checkpoint": loaded, "rel_diff": loaded / ref - 1}
+        if abs(loaded / ref - 1) > 0.005:
+            log.warning("exported checkpoint held-out perplexity %.4f differs from the plan's %.4f by more than 0.5%%", loaded, ref)
