@@ -16,12 +16,17 @@ import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bo_search import cli
 from bo_search.acc_modelsize import size_limit
 from bo_search.sensitivity.table import Sensitivity
 from bo_search.space import write_initial_samples
 from bo_search.types import UserError, did_you_mean
+
+if TYPE_CHECKING:
+    from bo_search.sensitivity.seeds import Seed
+    from bo_search.structure import Structure
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,47 +90,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cli.run_main(_main, build_parser(), argv)
 
 
-def _main(args: argparse.Namespace) -> int:
-    from bo_search.sensitivity.allocate import ACT_BITS, SOLVERS, get_solver
+def _load_sensitivity(args: argparse.Namespace, setup: Structure) -> tuple[Sensitivity, Path]:
+    """The table of --sensitivity: computed (or read from the cache) for ``auto``, else loaded and checked."""
     from bo_search.sensitivity.cache import cached_sensitivity
-    from bo_search.sensitivity.cli import structure_setup
     from bo_search.sensitivity.compute import METHODS
-    from bo_search.sensitivity.seeds import allocate, dedupe
     from bo_search.trial import EvalConfig
 
-    solvers = list(SOLVERS) if args.solver == "both" else [args.solver]
-    for s in solvers:
-        get_solver(s)
-    fractions = _fractions(args.budgets)
-    if args.output:
-        cli.check_output_path(args.output)
-    if args.bitops is not None and args.bitops <= 0:
-        raise UserError(f"--bitops must be positive, got {args.bitops}")
-    setup = structure_setup(args)
-    limit = size_limit(setup, args.model_size_constraint, args.avg_bits) if args.bitops is None else math.inf
-    if args.sensitivity == "auto":
-        if args.method not in METHODS:
-            raise did_you_mean(args.method, list(METHODS), "sensitivity method")
-        eval_cfg = EvalConfig.from_args(args)
-        sens, path, hit = cached_sensitivity(
-            eval_cfg, setup.ref, setup.layers, setup.space, args.method, args.nsamples, progress=cli.progress
-        )
-        print(f"{args.method} sensitivity {'read from the cache' if hit else 'computed and cached'}: {path}")
-        sens_path = Path(path)
-    else:
-        sens_path = Path(args.sensitivity)
+    if args.sensitivity != "auto":
         sens = Sensitivity.load(args.sensitivity)
         sens.check_model(setup.ref.fingerprint, setup.ref.name, setup.layers.fqns)
-    n = sum(li.numel for li in setup.layers.linears)
-    if args.bitops is None:
-        budget = f"budget {limit:.6g} GB ({(limit * 8e9 - setup.size_model.other_bits) / n:.3f} avg bits)"
-    else:
-        budget = f"budget {args.bitops:.6g} GBOPs per token ({args.bitops * 1e9 / n / ACT_BITS:.3f} avg weight bits at {ACT_BITS}-bit activations)"
-    print(
-        f"model {setup.ref.name}; space {setup.space.source} ({len(setup.space.slots)} slots); {sens.method} sensitivity on "
-        f"{sens.windows.get('n_tokens', '?')} calibration tokens; {budget}"
-    )
-    seeds = allocate(setup.space, setup.size_model, sens, limit, solvers, fractions, bitops_limit=args.bitops)
+        return sens, Path(args.sensitivity)
+    if args.method not in METHODS:
+        raise did_you_mean(args.method, list(METHODS), "sensitivity method")
+    eval_cfg = EvalConfig.from_args(args)
+    sens, path, hit = cached_sensitivity(eval_cfg, setup.ref, setup.layers, setup.space, args.method, args.nsamples, progress=cli.progress)
+    print(f"{args.method} sensitivity {'read from the cache' if hit else 'computed and cached'}: {path}")
+    return sens, Path(path)
+
+
+def _print_seeds(args: argparse.Namespace, limit: float, seeds: list[Seed]) -> None:
     rows = [
         {
             "solver": s.solver,
@@ -142,24 +125,58 @@ def _main(args: argparse.Namespace) -> int:
     print(cli.table(rows, ["solver", "budget", "size_gb", "gbops", "use", "avg_bits", "predicted", "optimal"]))
     for s in seeds:
         print(f"  {s.solver} {100 * s.fraction:.0f}%: bit widths {s.histogram}")
+
+
+def _seeding_record(
+    args: argparse.Namespace, setup: Structure, sens: Sensitivity, sens_path: Path, limit: float, seeds: list[Seed]
+) -> dict[str, object]:
+    """The ``seeding`` block written next to the samples: where they came from."""
+    return {
+        "sensitivity": {
+            "path": str(sens_path.expanduser().resolve()),
+            "method": sens.method,
+            "model": sens.model,
+            "model_id": sens.model_id,
+            "windows": dict(sens.windows),
+        },
+        "space": setup.space.source,
+        "space_id": setup.space.fingerprint,
+        "limit_gb": limit if args.bitops is None else None,
+        "bitops_limit_gbops_per_token": args.bitops,
+        "allocations": [s.to_json() for s in seeds],
+    }
+
+
+def _main(args: argparse.Namespace) -> int:
+    from bo_search.sensitivity.allocate import ACT_BITS, SOLVERS, get_solver
+    from bo_search.sensitivity.cli import structure_setup
+    from bo_search.sensitivity.seeds import allocate, dedupe
+
+    solvers = list(SOLVERS) if args.solver == "both" else [args.solver]
+    for s in solvers:
+        get_solver(s)
+    fractions = _fractions(args.budgets)
+    if args.output:
+        cli.check_output_path(args.output)
+    if args.bitops is not None and args.bitops <= 0:
+        raise UserError(f"--bitops must be positive, got {args.bitops}")
+    setup = structure_setup(args)
+    limit = size_limit(setup, args.model_size_constraint, args.avg_bits) if args.bitops is None else math.inf
+    sens, sens_path = _load_sensitivity(args, setup)
+    n = sum(li.numel for li in setup.layers.linears)
+    if args.bitops is None:
+        budget = f"budget {limit:.6g} GB ({(limit * 8e9 - setup.size_model.other_bits) / n:.3f} avg bits)"
+    else:
+        budget = f"budget {args.bitops:.6g} GBOPs per token ({args.bitops * 1e9 / n / ACT_BITS:.3f} avg weight bits at {ACT_BITS}-bit activations)"
+    print(
+        f"model {setup.ref.name}; space {setup.space.source} ({len(setup.space.slots)} slots); {sens.method} sensitivity on "
+        f"{sens.windows.get('n_tokens', '?')} calibration tokens; {budget}"
+    )
+    seeds = allocate(setup.space, setup.size_model, sens, limit, solvers, fractions, bitops_limit=args.bitops)
+    _print_seeds(args, limit, seeds)
     samples = dedupe([s.values for s in seeds])
     if args.output:
-        extra = {
-            "seeding": {
-                "sensitivity": {
-                    "path": str(sens_path.expanduser().resolve()),
-                    "method": sens.method,
-                    "model": sens.model,
-                    "model_id": sens.model_id,
-                    "windows": dict(sens.windows),
-                },
-                "space": setup.space.source,
-                "space_id": setup.space.fingerprint,
-                "limit_gb": limit if args.bitops is None else None,
-                "bitops_limit_gbops_per_token": args.bitops,
-                "allocations": [s.to_json() for s in seeds],
-            }
-        }
+        extra = {"seeding": _seeding_record(args, setup, sens, sens_path, limit, seeds)}
         write_initial_samples(args.output, samples, setup.space, extra)
         print(f"wrote {len(samples)} initial samples to {args.output}")
     else:

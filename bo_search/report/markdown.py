@@ -59,28 +59,11 @@ def render_markdown(an: Analysis, ev: Evaluation | None, export_res: ExportResul
     return "\n".join(out)
 
 
-def _summary(an: Analysis, ev: Evaluation | None) -> list[str]:
+def _limit_line(an: Analysis) -> list[str]:
+    """The limit the search ran under, or what the history tells of it."""
     out: list[str] = []
-    thr = an.by_throughput
-    kind_text = {
-        "modelsize": "lowest perplexity under a model size limit",
-        "throughput": "highest throughput under a perplexity limit",
-        "pareto": "perplexity / size Pareto front",
-    }[an.search]
-    out += [f"# Search report: `{an.path.name}`", ""]
-    by_src = Counter(r.source for r in an.completed)
-    out.append(
-        f"- **History**: `{an.path}`: {len(an.rows)} rows"
-        + (f", **{len(an.skipped)} corrupt rows skipped** (listed below)" if an.skipped else "")
-    )
-    out.append(f"- **Search**: {an.search} ({kind_text}); model `{an.model_id or '?'}`, space `{an.space_id or '?'}`")
-    out.append(
-        f"- **Trials**: {len(an.completed)} completed (by source: "
-        + ", ".join(f"{n} {source_style(s)[2]}" for s, n in by_src.most_common())
-        + f"), **{len(an.failed)} failed**, {len(an.infeasible)} over-limit proposal(s) (never evaluated), {len(an.abandoned)} abandoned"
-    )
     lim = an.limit
-    if thr:
+    if an.by_throughput:
         out.append(
             f"- **Perplexity limit**: {lim.value:.4g} ({lim.source})"
             if lim.known
@@ -95,6 +78,12 @@ def _summary(an: Analysis, ev: Evaluation | None) -> list[str]:
         )
     elif an.search == "modelsize":
         out.append("- **Size limit**: not recorded in the history (pass `--model_size_constraint GB`)")
+    return out
+
+
+def _timing_lines(an: Analysis) -> list[str]:
+    """Search and proposal time, from the history's timestamps."""
+    out: list[str] = []
     t = an.timing
     if t is not None:
         pause = (
@@ -105,6 +94,12 @@ def _summary(an: Analysis, ev: Evaluation | None) -> list[str]:
         out.append(
             f"- **Proposal time**: {_dur(t.proposal_s)} in total = {share} ({_dur(t.evaluation_s)} of quantize + evaluate summed over workers)"
         )
+    return out
+
+
+def _evaluation_lines(ev: Evaluation | None) -> list[str]:
+    """What the report itself measured, and whether it agrees with the search."""
+    out: list[str] = []
     if ev is not None:
         s = ev.settings
         out.append(
@@ -123,6 +118,31 @@ def _summary(an: Analysis, ev: Evaluation | None) -> list[str]:
         out.append(
             "- **Report evaluations**: none (rendered from the history alone; `--evaluate` measures baselines): held-out perplexities only where the history has them"
         )
+    return out
+
+
+def _summary(an: Analysis, ev: Evaluation | None) -> list[str]:
+    out: list[str] = []
+    kind_text = {
+        "modelsize": "lowest perplexity under a model size limit",
+        "throughput": "highest throughput under a perplexity limit",
+        "pareto": "perplexity / size Pareto front",
+    }[an.search]
+    out += [f"# Search report: `{an.path.name}`", ""]
+    by_src = Counter(r.source for r in an.completed)
+    out.append(
+        f"- **History**: `{an.path}`: {len(an.rows)} rows"
+        + (f", **{len(an.skipped)} corrupt rows skipped** (listed below)" if an.skipped else "")
+    )
+    out.append(f"- **Search**: {an.search} ({kind_text}); model `{an.model_id or '?'}`, space `{an.space_id or '?'}`")
+    out.append(
+        f"- **Trials**: {len(an.completed)} completed (by source: "
+        + ", ".join(f"{n} {source_style(s)[2]}" for s, n in by_src.most_common())
+        + f"), **{len(an.failed)} failed**, {len(an.infeasible)} over-limit proposal(s) (never evaluated), {len(an.abandoned)} abandoned"
+    )
+    out += _limit_line(an)
+    out += _timing_lines(an)
+    out += _evaluation_lines(ev)
     for n in an.notes:
         out.append(f"- Note: {n}")
     out.append("")

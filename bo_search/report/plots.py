@@ -321,6 +321,59 @@ def _bits_axis(ax: Any, an: Analysis) -> None:
     top.set_xlabel("average bits per quantized weight (scales and zero points included)", fontsize=9)
 
 
+def _draw_hypervolume(ax: Any, evaluated: list[HistoryRow]) -> None:
+    """The Pareto search without a limit: the front's hypervolume after each trial."""
+    sizes = [float(r.model_size or 0.0) for r in evaluated]
+    logs = [math.log(float(r.cal_PPL or 1.0)) for r in evaluated]
+    ref = (max(sizes) * 1.001, max(logs) * 1.001 if max(logs) > 0 else 1.0)
+    hv = [hypervolume_2d(list(zip(sizes[: i + 1], logs[: i + 1])), ref) for i in range(len(evaluated))]
+    ax.step([r.trial_index for r in evaluated], hv, where="post", color="black", lw=1.5, label="front hypervolume so far")
+    ax.set_ylabel("hypervolume (GB x log perplexity, reference = worst seen)")
+
+
+def _draw_best_so_far(ax: Any, an: Analysis, ev: Evaluation | None, evaluated: list[HistoryRow]) -> None:
+    """Every trial by source, the best feasible value so far, and the best uniform baseline that fits."""
+    thr = an.by_throughput
+    feasible = {r.trial_index for r in an.feasible}
+    value = [float((r.cal_throughput if thr else r.cal_PPL) or 0.0) for r in evaluated]
+    order = ["seed", "sobol", "random", "repaired", "bo"]
+    for src in sorted({r.source for r in evaluated}, key=lambda s: order.index(s) if s in order else len(order)):
+        marker, color, label = source_style(src)
+        idx = [i for i, r in enumerate(evaluated) if r.source == src]
+        ax.scatter([evaluated[i].trial_index for i in idx], [value[i] for i in idx], marker=marker, c=color, s=30, alpha=0.75,
+                   edgecolors="black" if src == "seed" else None, linewidths=0.5, label=f"{label} ({len(idx)})", zorder=3)  # fmt: skip
+    best_x, best_y = [], []
+    cur: float | None = None
+    for r, v in zip(evaluated, value):
+        if r.trial_index in feasible and v > 0 and (cur is None or (v > cur if thr else v < cur)):
+            cur = float(v)
+        if cur is not None:
+            best_x.append(r.trial_index)
+            best_y.append(cur)
+    if best_x:
+        ax.step(best_x, best_y, where="post", color="black", lw=1.6, zorder=4, label=f"best feasible so far ({best_y[-1]:.4g})")
+    if ev is not None and not thr:
+        fits = [b for b in ev.baselines if an.limit.known and b.model_size_gb <= (an.limit.value or 0.0)] or (
+            [b for b in ev.baselines if an.best is not None and b.model_size_gb <= (an.best.model_size or 0.0) * 1.0001]
+        )
+        if fits:
+            ub = min(fits, key=lambda b: b.ppl)
+            ax.axhline(
+                ub.ppl,
+                color="tab:red",
+                ls="--",
+                lw=1.0,
+                label=f"best uniform baseline that fits: {ub.short} ({ub.ppl:.4g})",
+            )
+    vals = [v for v in value if v is not None]
+    if not thr and vals and min(vals) > 0 and max(vals) / min(vals) > 4:
+        ax.set_yscale("log")
+        _log_axis(ax.yaxis, vals)
+    ax.set_ylabel(
+        "throughput (tokens/s)" if thr else "perplexity on the search split" + (" (log scale)" if ax.get_yscale() == "log" else "")
+    )
+
+
 def plot_progress(an: Analysis, ev: Evaluation | None, path: Path) -> Path:
     """Best feasible value so far against trial number."""
     import matplotlib
@@ -330,56 +383,14 @@ def plot_progress(an: Analysis, ev: Evaluation | None, path: Path) -> Path:
 
     thr = an.by_throughput
     evaluated = sorted((r for r in an.completed if r.cal_PPL is not None), key=lambda r: r.trial_index)
-    feasible = {r.trial_index for r in an.feasible}
     fig, ax = plt.subplots(figsize=(9, 5), dpi=130)
     hv_mode = an.search == "pareto" and not an.limit.known
     if not evaluated:
         ax.text(0.5, 0.5, "no completed trial", transform=ax.transAxes, ha="center", va="center", fontsize=12)
     elif hv_mode:
-        sizes = [float(r.model_size or 0.0) for r in evaluated]
-        logs = [math.log(float(r.cal_PPL or 1.0)) for r in evaluated]
-        ref = (max(sizes) * 1.001, max(logs) * 1.001 if max(logs) > 0 else 1.0)
-        hv = [hypervolume_2d(list(zip(sizes[: i + 1], logs[: i + 1])), ref) for i in range(len(evaluated))]
-        ax.step([r.trial_index for r in evaluated], hv, where="post", color="black", lw=1.5, label="front hypervolume so far")
-        ax.set_ylabel("hypervolume (GB x log perplexity, reference = worst seen)")
+        _draw_hypervolume(ax, evaluated)
     else:
-        value = [float((r.cal_throughput if thr else r.cal_PPL) or 0.0) for r in evaluated]
-        order = ["seed", "sobol", "random", "repaired", "bo"]
-        for src in sorted({r.source for r in evaluated}, key=lambda s: order.index(s) if s in order else len(order)):
-            marker, color, label = source_style(src)
-            idx = [i for i, r in enumerate(evaluated) if r.source == src]
-            ax.scatter([evaluated[i].trial_index for i in idx], [value[i] for i in idx], marker=marker, c=color, s=30, alpha=0.75,
-                       edgecolors="black" if src == "seed" else None, linewidths=0.5, label=f"{label} ({len(idx)})", zorder=3)  # fmt: skip
-        best_x, best_y = [], []
-        cur: float | None = None
-        for r, v in zip(evaluated, value):
-            if r.trial_index in feasible and v > 0 and (cur is None or (v > cur if thr else v < cur)):
-                cur = float(v)
-            if cur is not None:
-                best_x.append(r.trial_index)
-                best_y.append(cur)
-        if best_x:
-            ax.step(best_x, best_y, where="post", color="black", lw=1.6, zorder=4, label=f"best feasible so far ({best_y[-1]:.4g})")
-        if ev is not None and not thr:
-            fits = [b for b in ev.baselines if an.limit.known and b.model_size_gb <= (an.limit.value or 0.0)] or (
-                [b for b in ev.baselines if an.best is not None and b.model_size_gb <= (an.best.model_size or 0.0) * 1.0001]
-            )
-            if fits:
-                ub = min(fits, key=lambda b: b.ppl)
-                ax.axhline(
-                    ub.ppl,
-                    color="tab:red",
-                    ls="--",
-                    lw=1.0,
-                    label=f"best uniform baseline that fits: {ub.short} ({ub.ppl:.4g})",
-                )
-        vals = [v for v in value if v is not None]
-        if not thr and vals and min(vals) > 0 and max(vals) / min(vals) > 4:
-            ax.set_yscale("log")
-            _log_axis(ax.yaxis, vals)
-        ax.set_ylabel(
-            "throughput (tokens/s)" if thr else "perplexity on the search split" + (" (log scale)" if ax.get_yscale() == "log" else "")
-        )
+        _draw_best_so_far(ax, an, ev, evaluated)
     ax.set_xlabel("trial number (order proposed; gaps are proposals over the limit, never evaluated)" if an.infeasible else "trial number")
     what = "throughput" if thr else ("Pareto-front hypervolume" if hv_mode else "perplexity")
     ax.set_title(f"{an.path.name}: best feasible {what} so far ({len(evaluated)} completed, {len(an.failed)} failed)", fontsize=10)

@@ -27,7 +27,7 @@ from bo_search.types import UserError
 if TYPE_CHECKING:
     from bo_search.search.driver import SearchStats
     from bo_search.search.experiment import Goal
-    from bo_search.search.workers import WorkerPool
+    from bo_search.search.workers import TrialWorker, WorkerPool
     from bo_search.sizes import SizeModel
 from bo_search.search.seeding import resolve_prior, thompson_node
 from bo_search.search.summary import print_row, summarize, workers_ready
@@ -146,6 +146,45 @@ def parse_gpus(spec: str | None) -> list[int]:
     return gpus
 
 
+def _start_pool(setup: Setup, gpus: list[int], cluster_gpus: int | str | None, worker_cls: type[TrialWorker] | None) -> WorkerPool:
+    """The workers, started without waiting: they load their model while Ax is set up."""
+    from bo_search.search.workers import TrialWorker, WorkerPool
+
+    args = setup.args
+    return WorkerPool(
+        setup.eval_cfg,
+        num_workers=args.num_workers,
+        gpus=gpus,
+        ray_address=args.ray_address,
+        threads_per_worker=args.threads_per_worker,
+        worker_cls=worker_cls or TrialWorker,
+        cluster_gpus=cluster_gpus,
+        placement_timeout=args.placement_timeout,
+        wait=False,
+    )
+
+
+def _print_banner(
+    setup: Setup,
+    strategy: str,
+    prior: Sensitivity | None,
+    encoding: str,
+    n_seeds: int,
+    pool: WorkerPool | None,
+    gpus: list[int],
+    cluster_gpus: int | str | None,
+) -> None:
+    args = setup.args
+    detail = f"prior: {prior.label if prior is not None else 'flat'}" if strategy == "thompson" else f"{encoding} encoding"
+    n_workers = pool.size if pool is not None else len(gpus) or args.num_workers
+    kind = "GPU" if gpus or cluster_gpus is not None else "CPU"
+    print(
+        f"space {setup.space.source}: {len(setup.space.tunable)} tunable parameters; strategy {strategy} ({detail}); "
+        f"{n_seeds} seeds; {n_workers} {kind} worker(s); history {setup.history_path}",
+        flush=True,
+    )
+
+
 def run_search(
     setup: Setup,
     goal: Goal | Callable[[WorkerPool], Goal],
@@ -160,7 +199,7 @@ def run_search(
     perplexity limit relative to full precision)."""
     import torch
 
-    from bo_search.search.workers import TrialWorker, WorkerPool, parse_cluster_gpus
+    from bo_search.search.workers import parse_cluster_gpus
 
     args = setup.args
     torch.set_num_threads(1)  # the driver's Ax work must not fight the workers for cores
@@ -183,17 +222,7 @@ def run_search(
     status = 0
     try:
         if done < args.num_trials or callable(goal):
-            pool = WorkerPool(
-                setup.eval_cfg,
-                num_workers=args.num_workers,
-                gpus=gpus,
-                ray_address=args.ray_address,
-                threads_per_worker=args.threads_per_worker,
-                worker_cls=worker_cls or TrialWorker,
-                cluster_gpus=cluster_gpus,
-                placement_timeout=args.placement_timeout,
-                wait=False,  # the workers load their model while Ax is set up below
-            )
+            pool = _start_pool(setup, gpus, cluster_gpus, worker_cls)
         if callable(goal):
             assert pool is not None
             workers_ready(pool)
@@ -203,14 +232,7 @@ def run_search(
         offset = attach_history(driver, setup.history_rows)
         seen = {r.plan for r in setup.history_rows}
         seeds = [s for s in seeds if setup.space.decode(s) not in seen]
-        detail = f"prior: {prior.label if prior is not None else 'flat'}" if strategy == "thompson" else f"{encoding} encoding"
-        n_workers = pool.size if pool is not None else len(gpus) or args.num_workers
-        kind = "GPU" if gpus or cluster_gpus is not None else "CPU"
-        print(
-            f"space {setup.space.source}: {len(setup.space.tunable)} tunable parameters; strategy {strategy} ({detail}); "
-            f"{len(seeds)} seeds; {n_workers} {kind} worker(s); history {setup.history_path}",
-            flush=True,
-        )
+        _print_banner(setup, strategy, prior, encoding, len(seeds), pool, gpus, cluster_gpus)
         history = HistoryWriter(setup.history_path)
         if done < args.num_trials:
             assert pool is not None

@@ -255,35 +255,10 @@ class WorkerPool:
         n = len(self.gpus) if self.gpus else num_workers
         if n < 1 and cluster_gpus is None:
             raise UserError(f"--num_workers must be at least 1, got {num_workers}")
-        self._own_ray = False
-        if not ray_is_initialized():  # checked without importing ray: the loopback env must come first
-            cpus = os.cpu_count() or 1
-            if self.gpus and not ray_address:
-                # Ray hands out the ids it finds in CUDA_VISIBLE_DEVICES: so --gpu_list 2,3 gives GPUs 2 and 3.
-                os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.gpus)
-            start_ray(
-                num_cpus=max(cpus, n),
-                num_gpus=None if cluster_gpus is not None else len(self.gpus),
-                address=ray_address,
-                object_store_mb=object_store_mb,
-            )
-            self._own_ray = not ray_address
+        self._own_ray = self._start_ray(n, ray_address, cluster_gpus, object_store_mb)
         import ray
 
-        resources = ray.cluster_resources()
-        have = int(resources.get("GPU", 0))
-        if cluster_gpus is not None:
-            if have == 0:
-                raise UserError(
-                    f"--gpus {cluster_gpus}: the Ray cluster has no GPU ({_cluster_text(resources)}); join a cluster with GPU nodes (--ray_address) or use --num_workers"
-                )
-            if cluster_gpus != "all" and int(cluster_gpus) > have:
-                raise UserError(
-                    f"--gpus {cluster_gpus}: the Ray cluster has {_cluster_text(resources)}; ask for at most --gpus {have}, or --gpus all"
-                )
-            n = have if cluster_gpus == "all" else int(cluster_gpus)
-        elif self.gpus and have < len(self.gpus):
-            raise UserError(f"--gpu_list names {len(self.gpus)} GPU(s) but the Ray cluster has {have}")
+        n = self._worker_count(n, cluster_gpus)
         self.threads = threads_per_worker or default_threads(n, self.on_gpu)
         self._remote = ray.remote(worker_cls)
         self._worker_cls = worker_cls
@@ -308,6 +283,42 @@ class WorkerPool:
             self.driver_node = ""
         if wait:
             self.wait_ready()
+
+    def _start_ray(self, n: int, ray_address: str | None, cluster_gpus: int | str | None, object_store_mb: int) -> bool:
+        """Start (or join) Ray unless it already runs; True when this pool started its own local Ray."""
+        if not ray_is_initialized():  # checked without importing ray: the loopback env must come first
+            cpus = os.cpu_count() or 1
+            if self.gpus and not ray_address:
+                # Ray hands out the ids it finds in CUDA_VISIBLE_DEVICES: so --gpu_list 2,3 gives GPUs 2 and 3.
+                os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.gpus)
+            start_ray(
+                num_cpus=max(cpus, n),
+                num_gpus=None if cluster_gpus is not None else len(self.gpus),
+                address=ray_address,
+                object_store_mb=object_store_mb,
+            )
+            return not ray_address
+        return False
+
+    def _worker_count(self, n: int, cluster_gpus: int | str | None) -> int:
+        """How many workers the cluster can hold: one per GPU asked for, checked against what Ray has."""
+        import ray
+
+        resources = ray.cluster_resources()
+        have = int(resources.get("GPU", 0))
+        if cluster_gpus is not None:
+            if have == 0:
+                raise UserError(
+                    f"--gpus {cluster_gpus}: the Ray cluster has no GPU ({_cluster_text(resources)}); join a cluster with GPU nodes (--ray_address) or use --num_workers"
+                )
+            if cluster_gpus != "all" and int(cluster_gpus) > have:
+                raise UserError(
+                    f"--gpus {cluster_gpus}: the Ray cluster has {_cluster_text(resources)}; ask for at most --gpus {have}, or --gpus all"
+                )
+            n = have if cluster_gpus == "all" else int(cluster_gpus)
+        elif self.gpus and have < len(self.gpus):
+            raise UserError(f"--gpu_list names {len(self.gpus)} GPU(s) but the Ray cluster has {have}")
+        return n
 
     def wait_ready(self) -> None:
         """Block until every worker has loaded its model (``wait=False`` lets the caller set up Ax

@@ -57,6 +57,41 @@ def sample_labels(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.searchsorted(cdf, u).squeeze(1).clamp_(max=cdf.shape[1] - 1)
 
 
+def _gradient_hooks(
+    model: Any, lins: dict[str, torch.nn.Module], acc: dict[str, torch.Tensor], seen: dict[str, int]
+) -> tuple[list[Any], list[torch.Tensor]]:
+    """Hooks that add each window's squared weight gradient into ``acc`` (counting calls in
+    ``seen``), and a leaf at the embedding output for autograd to stop at; returns the handles and
+    the list that collects each batch's leaves."""
+
+    def capture(fqn: str) -> Callable[..., None]:
+        def hook(_mod: Any, args: tuple[Any, ...], out: torch.Tensor) -> None:
+            seen[fqn] = seen.get(fqn, 0) + 1
+            x = args[0].detach()
+
+            def on_grad(g: torch.Tensor) -> None:
+                xs = x.reshape(x.shape[0], -1, x.shape[-1]).float()
+                gs = g.reshape(g.shape[0], -1, g.shape[-1]).float()
+                per_window = torch.bmm(gs.transpose(1, 2), xs)  # (n, out, in)
+                acc[fqn].add_(per_window.square_().sum(0))
+
+            if out.requires_grad:
+                out.register_hook(on_grad)
+
+        return hook
+
+    leaves: list[torch.Tensor] = []
+
+    def leaf(_mod: Any, _args: Any, out: torch.Tensor) -> torch.Tensor:
+        t = out.detach().requires_grad_(True)
+        leaves.append(t)
+        return t
+
+    handles: list[Any] = [mod.register_forward_hook(capture(f)) for f, mod in lins.items()]
+    handles.append(model.get_input_embeddings().register_forward_hook(leaf))
+    return handles, leaves
+
+
 def fisher_diagonal(
     model: Any,
     fqns: Sequence[str],
@@ -94,31 +129,7 @@ def fisher_diagonal(
     acc = {f: torch.zeros_like(mod.weight, dtype=torch.float32) for f, mod in lins.items()}
     seen: dict[str, int] = {}
 
-    def capture(fqn: str) -> Callable[..., None]:
-        def hook(_mod: Any, args: tuple[Any, ...], out: torch.Tensor) -> None:
-            seen[fqn] = seen.get(fqn, 0) + 1
-            x = args[0].detach()
-
-            def on_grad(g: torch.Tensor) -> None:
-                xs = x.reshape(x.shape[0], -1, x.shape[-1]).float()
-                gs = g.reshape(g.shape[0], -1, g.shape[-1]).float()
-                per_window = torch.bmm(gs.transpose(1, 2), xs)  # (n, out, in)
-                acc[fqn].add_(per_window.square_().sum(0))
-
-            if out.requires_grad:
-                out.register_hook(on_grad)
-
-        return hook
-
-    leaves: list[torch.Tensor] = []
-
-    def leaf(_mod: Any, _args: Any, out: torch.Tensor) -> torch.Tensor:
-        t = out.detach().requires_grad_(True)
-        leaves.append(t)
-        return t
-
-    handles = [mod.register_forward_hook(capture(f)) for f, mod in lins.items()]
-    handles.append(model.get_input_embeddings().register_forward_hook(leaf))
+    handles, leaves = _gradient_hooks(model, lins, acc, seen)
     starts = range(0, ids.shape[0], batch_size)
     try:
         with torch.enable_grad():
