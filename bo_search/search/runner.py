@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from bo_search.search.experiment import Goal
     from bo_search.search.workers import TrialWorker, WorkerPool
     from bo_search.sizes import SizeModel
+    from bo_search.types import TrialResult
 from bo_search.search.seeding import resolve_prior, thompson_node
 from bo_search.search.summary import print_row, summarize, workers_ready
 
@@ -189,8 +190,8 @@ def run_search(
     setup: Setup,
     goal: Goal | Callable[[WorkerPool], Goal],
     seeds: list[dict[str, int]],
-    metrics_to_row: Any = None,
-    worker_cls: Any = None,
+    metrics_to_row: Callable[[TrialResult], dict[str, Any]] | None = None,
+    worker_cls: type[TrialWorker] | None = None,
     row_extra: dict[str, Any] | None = None,
 ) -> int:
     """Start workers and Ax, attach history, run, summarise. Returns the exit status.
@@ -287,7 +288,7 @@ def _make_search(
     history: HistoryWriter,
     seeds: list[dict[str, int]],
     done: int,
-    metrics_to_row: Any,
+    metrics_to_row: Callable[[TrialResult], dict[str, Any]] | None,
     row_extra: dict[str, Any] | None,
 ) -> Search:
     args = setup.args
