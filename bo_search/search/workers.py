@@ -255,7 +255,7 @@ class WorkerPool:
         n = len(self.gpus) if self.gpus else num_workers
         if n < 1 and cluster_gpus is None:
             raise UserError(f"--num_workers must be at least 1, got {num_workers}")
-        self._own_ray = self._start_ray(n, ray_address, cluster_gpus, object_store_mb)
+        self._start_ray(n, ray_address, cluster_gpus, object_store_mb)
         import ray
 
         n = self._worker_count(n, cluster_gpus)
@@ -284,8 +284,8 @@ class WorkerPool:
         if wait:
             self.wait_ready()
 
-    def _start_ray(self, n: int, ray_address: str | None, cluster_gpus: int | str | None, object_store_mb: int) -> bool:
-        """Start (or join) Ray unless it already runs; True when this pool started its own local Ray."""
+    def _start_ray(self, n: int, ray_address: str | None, cluster_gpus: int | str | None, object_store_mb: int) -> None:
+        """Start (or join) Ray unless this process is already connected."""
         if not ray_is_initialized():  # checked without importing ray: the loopback env must come first
             cpus = os.cpu_count() or 1
             if self.gpus and not ray_address:
@@ -297,8 +297,6 @@ class WorkerPool:
                 address=ray_address,
                 object_store_mb=object_store_mb,
             )
-            return not ray_address
-        return False
 
     def _worker_count(self, n: int, cluster_gpus: int | str | None) -> int:
         """How many workers the cluster can hold: one per GPU asked for, checked against what Ray has."""
