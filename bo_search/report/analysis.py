@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from bo_search.search.history import HistoryRow, LoadedHistory, pareto_front, read_history
 from bo_search.types import UserError
@@ -192,7 +193,14 @@ def _search_kind(rows: Sequence[HistoryRow], notes: list[str]) -> str:
     return search
 
 
-_Choice = tuple[Limit, list[HistoryRow], HistoryRow | None, str, list[HistoryRow]]
+class _Choice(NamedTuple):
+    """What a search kind makes of its trials: the limit, the trials within it, the best one and why, the front."""
+
+    limit: Limit
+    feasible: list[HistoryRow]
+    best: HistoryRow | None
+    best_why: str
+    front: list[HistoryRow]
 
 
 def _by_throughput(rows: Sequence[HistoryRow], with_ppl: list[HistoryRow], opts: ReportOptions) -> _Choice:
@@ -207,7 +215,7 @@ def _by_throughput(rows: Sequence[HistoryRow], with_ppl: list[HistoryRow], opts:
     pts = [(-(r.cal_throughput or 0.0), r.cal_PPL or math.inf) for r in measured]
     front = [measured[i] for i in pareto_front(pts)]
     front.sort(key=lambda r: r.cal_throughput or 0.0)
-    return limit, feasible, best, best_why, front
+    return _Choice(limit, feasible, best, best_why, front)
 
 
 def _by_size(
@@ -233,7 +241,7 @@ def _by_size(
         )
     pts = [(r.model_size or 0.0, r.cal_PPL or math.inf) for r in with_ppl]
     front = [with_ppl[i] for i in pareto_front(pts)]
-    return limit, feasible, best, best_why, front
+    return _Choice(limit, feasible, best, best_why, front)
 
 
 def _recorded_limit(rows: Sequence[HistoryRow]) -> float | None:
