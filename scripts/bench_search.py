@@ -50,6 +50,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="CI-sized run: 6 trials, 1 seed, 512/1024 tokens")
     p.add_argument("--trials", type=int, default=40)
     p.add_argument("--seeds", type=int, default=3, help="runs per stochastic arm (different random streams)")
+    p.add_argument("--first_seed", type=int, default=0, help="first random stream (to add streams to an earlier run)")
     p.add_argument("--arm_seeds", default=None, metavar="ARM=N,...", help="runs per arm where it differs from --seeds, e.g. random=1,ts=2")
     p.add_argument("--arm_trials", default=None, metavar="ARM=N,...", help="trials per arm where it differs from --trials, e.g. ts=20")
     p.add_argument(
@@ -156,6 +157,7 @@ SEARCH_ARMS = {
     "ts_flat": ("thompson", "none", "none"),
     "ts_seeded": ("thompson", "auto", "auto"),
 }
+ONE_PLAN_ARMS = ("uniform", "greedy", "exact")
 OWN_SOURCES = ("thompson", "bo", "sobol", "repaired", "random")
 
 
@@ -212,15 +214,16 @@ def run_search(b: Bench, arm: str, seed: int, trials: int, workers: int = 1) -> 
     }
 
 
-def calibration(b: Bench, completed: list[Any], n_seeds: int) -> list[tuple[float, float, float]]:
+def calibration(b: Bench, completed: list[Any], n_seeds: int, flat: bool = False) -> list[tuple[float, float, float]]:
     """(predicted mean, predicted sd, measured) NLL of each trial after the seeds, from the
-    Thompson model fitted on the trials before it (so on trials it had not yet seen)."""
+    Thompson model fitted on the trials before it (so on trials it had not yet seen); with ``flat``,
+    the model of a flat-prior search (no sensitivity table), as the ``ts_flat`` arm runs it."""
     from bo_search.search.mckp import build_problem
     from bo_search.search.thompson import Posterior, ThompsonConfig
     from bo_search.sensitivity.cache import cached_sensitivity
 
     sens, _, _ = cached_sensitivity(b.ctx.cfg, b.ctx.ref, b.ctx.layers, b.space, "fit")
-    problem = build_problem(b.space, b.sizes, sens.slot_costs(b.space))
+    problem = build_problem(b.space, b.sizes, None if flat else sens.slot_costs(b.space))
     picks = [problem.pick_of(b.space.encode(x.plan)) for x in completed]
     ys = [x.nll for x in completed]
     out = []
@@ -275,7 +278,7 @@ def main() -> None:
         ]
     if "random" in arms:
         results["random"], curves["random"] = [], []
-        for s in range(seeds_for_arm(args, "random")):
+        for s in range(args.first_seed, args.first_seed + seeds_for_arm(args, "random")):
             rng = random.Random(s)
             t0 = time.perf_counter()
             plans = [b.space.decode(random_feasible(b.sizes, b.limit, rng)) for _ in range(args.trials)]
@@ -321,7 +324,7 @@ def main() -> None:
     for arm in [a for a in arms if a in SEARCH_ARMS]:
         results[arm], curves[arm] = [], []
         seeded = SEARCH_ARMS[arm][1] == "auto"
-        for s in range(seeds_for_arm(args, arm)):
+        for s in range(args.first_seed, args.first_seed + seeds_for_arm(args, arm)):
             run = run_search(b, arm, s, trials_for_arm(args, arm))
             comp = run["completed"]
             scored = [(x.plan, x.cal_PPL) for x in comp]
@@ -348,7 +351,7 @@ def main() -> None:
                 "best_seed_heldout": b.heldout(best_seed.plan) if best_seed else None,
             }
             if SEARCH_ARMS[arm][0] == "thompson":
-                cal = calibration(b, comp, n_seeds if seeded else 1)
+                cal = calibration(b, comp, n_seeds if seeded else 1, flat=SEARCH_ARMS[arm][2] == "none")
                 res["calibration"] = cal
             results[arm].append(res)
             breakdown.append(run)
@@ -394,19 +397,32 @@ def _uniform_choices(space: Any) -> list[dict[str, int]]:
 
 
 def merge(args: argparse.Namespace) -> None:
-    """One table over several runs' results.json (each run: one budget and space, one machine state)."""
-    lines = ["| budget | space | arm | runs | held-out ppl (mean ± sd) | gap closure | trials to within 1% | proposal s (mean / max) | worker idle % | own proposals beating every seed | best own vs best seed (held-out) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    best_any = []
+    """One table over several runs' results.json (each run: one budget and space, one machine state).
+
+    Runs of the same budget, space and search tokens are one group: a one-plan arm (uniform, greedy,
+    exact: deterministic) is listed once per group, and the best plan of any arm is given per group."""
+    lines = ["| budget | space | search tokens | arm | runs | held-out ppl (mean ± sd) | gap closure | trials to within 1% | proposal s (mean / max) | worker idle % | own proposals beating every seed | best own vs best seed (held-out) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    best: dict[tuple[Any, ...], tuple[float, str, dict[str, Any]]] = {}
+    listed: set[tuple[Any, ...]] = set()
     for path in args.merge:
         data = json.loads(Path(path).read_text())
         meta = data["meta"]
+        group = (meta["avg_bits"], meta["space"], meta["eval_tokens"])
         for arm, rs in data["results"].items():
-            lines.append(_arm_row(arm, rs, meta, lambda h, m=meta: (m["ref_held"] - h) / (m["ref_held"] - m["fp_held"]), prefix=True))
-        top = min((r["heldout"] for rs in data["results"].values() for r in rs), default=float("nan"))
-        best_any.append(
-            f"- {meta['avg_bits']} avg bits, {meta['space']}: best held-out ppl of any arm {top:.3f} (uniform reference {meta['ref_held']:.3f}, full precision {meta['fp_held']:.3f})"
-        )
+            if arm in ONE_PLAN_ARMS and (*group, arm) in listed:
+                continue
+            listed.add((*group, arm))
+            row = _arm_row(arm, rs, meta, lambda h, m=meta: (m["ref_held"] - h) / (m["ref_held"] - m["fp_held"]), prefix=True)
+            lines.append(row)
+            for r in rs:
+                if group not in best or r["heldout"] < best[group][0]:
+                    best[group] = (r["heldout"], arm, meta)
+    best_any = [
+        f"- {g[0]} avg bits, {g[1]}, {g[2]:,} search tokens: best held-out ppl of any arm {h:.3f} ({arm}; uniform reference "
+        f"{meta['ref_held']:.3f}, full precision {meta['fp_held']:.3f})"
+        for g, (h, arm, meta) in best.items()
+    ]
     text = "\n".join(lines + [""] + best_any) + "\n"
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "MERGED.md").write_text(text)
@@ -424,7 +440,7 @@ def _arm_row(arm: str, rs: list[dict[str, Any]], meta: dict[str, Any], gap: Any,
     props = [r["proposal_s_mean"] for r in rs if r.get("proposal_s_mean") is not None]
     pmax = [r["proposal_s_max"] for r in rs if r.get("proposal_s_max") is not None]
     idle = [r["idle_pct"] for r in rs if r.get("idle_pct") is not None]
-    own = [f"{r['own_beat_seeds']}/{r['own']}" for r in rs if "own_beat_seeds" in r]
+    own = [f"{r['own_beat_seeds']}/{r['own']}" for r in rs if "own_beat_seeds" in r and r.get("best_seed_heldout") is not None]
     vs = [f"{_fmt(r.get('best_own_heldout'))} vs {_fmt(r.get('best_seed_heldout'))}" for r in rs if r.get("best_seed_heldout") is not None]
     cells = [
         arm,
@@ -438,7 +454,7 @@ def _arm_row(arm: str, rs: list[dict[str, Any]], meta: dict[str, Any], gap: Any,
         "; ".join(vs) if vs else "n/a",
     ]
     if prefix:
-        cells = [f"{meta['avg_bits']}", meta["space"], *cells]
+        cells = [f"{meta['avg_bits']}", meta["space"], f"{meta['eval_tokens']:,}", *cells]
     return "| " + " | ".join(cells) + " |"
 
 

@@ -48,3 +48,36 @@ def test_bench_search_quick(tmp_path):
     rows = [x for x in read_history(hist).rows if x.status == "completed"]
     limit = float(report.split("average bits (")[1].split(" GB")[0])
     assert rows and all(x.model_size is not None and x.model_size <= limit * (1 + 1e-5) for x in rows)
+
+
+def _results(path, arms, eval_tokens=1024):
+    meta = {"avg_bits": 3.75, "space": "s.json", "eval_tokens": eval_tokens, "fp_held": 20.0, "ref_held": 60.0}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "results": arms, "curves": {}, "scaling": {}}))
+    return str(path)
+
+
+def test_merge_lists_one_plan_arms_once_per_group_and_the_best_per_group(tmp_path):
+    one = {"heldout": 60.0, "trials_1pct": None}
+    seeded = {"heldout": 40.0, "trials_1pct": 30, "own": 45, "own_beat_seeds": 20, "best_own_heldout": 40.0, "best_seed_heldout": 45.0}
+    unseeded = {"heldout": 38.0, "trials_1pct": 40, "own": 50, "own_beat_seeds": 0, "best_own_heldout": 38.0, "best_seed_heldout": None}
+    a = _results(tmp_path / "a" / "results.json", {"uniform": [one], "ts_seeded": [seeded]})
+    b = _results(tmp_path / "b" / "results.json", {"uniform": [one], "ts": [unseeded]})
+    c = _results(tmp_path / "c" / "results.json", {"uniform": [one], "ts_seeded": [dict(seeded, heldout=39.0)]}, eval_tokens=4096)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_search.py"), "--merge", a, b, c, "--out", str(tmp_path / "m")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = (tmp_path / "m" / "MERGED.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| 3.75 |")]
+    # uniform once for the 1,024-token group (a and b) and once for the 4,096-token group (c)
+    assert [line.split(" | ")[3] for line in rows] == ["uniform", "ts_seeded", "ts", "uniform", "ts_seeded"]
+    # an unseeded arm has no seeds to beat: n/a, not 0/50
+    ts_row = next(line for line in rows if line.split(" | ")[3] == "ts")
+    assert "0/50" not in ts_row and ts_row.endswith("| n/a | n/a |")
+    best = [line for line in text.splitlines() if line.startswith("- ")]
+    assert best == [
+        "- 3.75 avg bits, s.json, 1,024 search tokens: best held-out ppl of any arm 38.000 (ts; uniform reference 60.000, full precision 20.000)",
+        "- 3.75 avg bits, s.json, 4,096 search tokens: best held-out ppl of any arm 39.000 (ts_seeded; uniform reference 60.000, full precision 20.000)",
+    ]
