@@ -400,24 +400,26 @@ def merge(args: argparse.Namespace) -> None:
     """One table over several runs' results.json (each run: one budget and space, one machine state).
 
     Runs of the same budget, space and search tokens are one group: a one-plan arm (uniform, greedy,
-    exact: deterministic) is listed once per group, and the best plan of any arm is given per group."""
+    exact: deterministic) is listed once per group, a stochastic arm's runs from every file are pooled
+    into one row, and the best plan of any arm is given per group."""
     lines = ["| budget | space | search tokens | arm | runs | held-out ppl (mean ± sd) | gap closure | trials to within 1% | proposal s (mean / max) | worker idle % | own proposals beating every seed | best own vs best seed (held-out) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     best: dict[tuple[Any, ...], tuple[float, str, dict[str, Any]]] = {}
-    listed: set[tuple[Any, ...]] = set()
+    pooled: dict[tuple[Any, ...], tuple[dict[str, Any], list[dict[str, Any]]]] = {}
     for path in args.merge:
         data = json.loads(Path(path).read_text())
         meta = data["meta"]
         group = (meta["avg_bits"], meta["space"], meta["eval_tokens"])
         for arm, rs in data["results"].items():
-            if arm in ONE_PLAN_ARMS and (*group, arm) in listed:
-                continue
-            listed.add((*group, arm))
-            row = _arm_row(arm, rs, meta, lambda h, m=meta: (m["ref_held"] - h) / (m["ref_held"] - m["fp_held"]), prefix=True)
-            lines.append(row)
+            if (*group, arm) not in pooled:
+                pooled[(*group, arm)] = (meta, [])
+            if arm not in ONE_PLAN_ARMS or not pooled[(*group, arm)][1]:
+                pooled[(*group, arm)][1].extend(rs)  # a stochastic arm's runs pool across files
             for r in rs:
                 if group not in best or r["heldout"] < best[group][0]:
                     best[group] = (r["heldout"], arm, meta)
+    for (*_, arm), (meta, rs) in pooled.items():
+        lines.append(_arm_row(arm, rs, meta, lambda h, m=meta: (m["ref_held"] - h) / (m["ref_held"] - m["fp_held"]), prefix=True))
     best_any = [
         f"- {g[0]} avg bits, {g[1]}, {g[2]:,} search tokens: best held-out ppl of any arm {h:.3f} ({arm}; uniform reference "
         f"{meta['ref_held']:.3f}, full precision {meta['fp_held']:.3f})"

@@ -64,8 +64,9 @@ def test_merge_lists_one_plan_arms_once_per_group_and_the_best_per_group(tmp_pat
     a = _results(tmp_path / "a" / "results.json", {"uniform": [one], "ts_seeded": [seeded]})
     b = _results(tmp_path / "b" / "results.json", {"uniform": [one], "ts": [unseeded]})
     c = _results(tmp_path / "c" / "results.json", {"uniform": [one], "ts_seeded": [dict(seeded, heldout=39.0)]}, eval_tokens=4096)
+    d = _results(tmp_path / "d" / "results.json", {"uniform": [one], "ts_seeded": [dict(seeded, heldout=42.0, own_beat_seeds=7)]})
     r = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench_search.py"), "--merge", a, b, c, "--out", str(tmp_path / "m")],
+        [sys.executable, str(ROOT / "scripts" / "bench_search.py"), "--merge", a, b, c, d, "--out", str(tmp_path / "m")],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
@@ -73,6 +74,9 @@ def test_merge_lists_one_plan_arms_once_per_group_and_the_best_per_group(tmp_pat
     rows = [line for line in text.splitlines() if line.startswith("| 3.75 |")]
     # uniform once for the 1,024-token group (a and b) and once for the 4,096-token group (c)
     assert [line.split(" | ")[3] for line in rows] == ["uniform", "ts_seeded", "ts", "uniform", "ts_seeded"]
+    # a stochastic arm's runs in a and d pool into one row of 2 runs
+    pooled = rows[1].split(" | ")
+    assert pooled[4:6] == ["2", "41.000 ± 1.414"] and pooled[-2] == "20/45, 7/45", rows[1]
     # an unseeded arm has no seeds to beat: n/a, not 0/50
     ts_row = next(line for line in rows if line.split(" | ")[3] == "ts")
     assert "0/50" not in ts_row and ts_row.endswith("| n/a | n/a |")
