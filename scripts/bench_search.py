@@ -267,9 +267,6 @@ def main() -> None:
     ref_held = b.heldout(ref_plan)
     print(f"uniform reference: {ref_bits}-bit g{ref_g}, {ref_size:.6g} GB, held-out ppl {ref_held:.3f}", flush=True)
 
-    def gap(h: float) -> float:
-        return (ref_held - h) / (ref_held - fp_held)
-
     if "uniform" in arms:
         t0 = time.perf_counter()
         best = min(uniform, key=lambda u: b.search_ppl(u[3]))
@@ -374,7 +371,7 @@ def main() -> None:
                 f"{w} worker(s): {scaling[w]['steady']:.0f} trials/hour in the search, {scaling[w]['end_to_end']:.0f} end to end",
                 flush=True,
             )
-    write_report(b, args, results, curves, breakdown, scaling, fp_held, (ref_bits, ref_g, ref_size, ref_held), gap)
+    write_report(b, args, results, curves, breakdown, scaling, fp_held, (ref_bits, ref_g, ref_size, ref_held))
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
@@ -404,22 +401,22 @@ def merge(args: argparse.Namespace) -> None:
     into one row, and the best plan of any arm is given per group."""
     lines = ["| budget | space | search tokens | arm | runs | held-out ppl (mean ± sd) | gap closure | trials to within 1% | proposal s (mean / max) | worker idle % | own proposals beating every seed | best own vs best seed (held-out) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    best: dict[tuple[Any, ...], tuple[float, str, dict[str, Any]]] = {}
-    pooled: dict[tuple[Any, ...], tuple[dict[str, Any], list[dict[str, Any]]]] = {}
+    pooled: dict[tuple[Any, ...], tuple[dict[str, Any], list[dict[str, Any]]]] = {}  # (*group, arm) -> (meta, runs)
     for path in args.merge:
         data = json.loads(Path(path).read_text())
         meta = data["meta"]
         group = (meta["avg_bits"], meta["space"], meta["eval_tokens"])
         for arm, rs in data["results"].items():
-            if (*group, arm) not in pooled:
-                pooled[(*group, arm)] = (meta, [])
-            if arm not in ONE_PLAN_ARMS or not pooled[(*group, arm)][1]:
-                pooled[(*group, arm)][1].extend(rs)  # a stochastic arm's runs pool across files
-            for r in rs:
-                if group not in best or r["heldout"] < best[group][0]:
-                    best[group] = (r["heldout"], arm, meta)
-    for (*_, arm), (meta, rs) in pooled.items():
-        lines.append(_arm_row(arm, rs, meta, lambda h, m=meta: (m["ref_held"] - h) / (m["ref_held"] - m["fp_held"]), prefix=True))
+            runs = pooled.setdefault((*group, arm), (meta, []))[1]
+            if arm not in ONE_PLAN_ARMS or not runs:
+                runs.extend(rs)  # a stochastic arm's runs pool across files
+    best: dict[tuple[Any, ...], tuple[float, str, dict[str, Any]]] = {}
+    for key, (meta, rs) in pooled.items():
+        group, arm = key[:-1], key[-1]
+        lines.append(_arm_row(arm, rs, meta, prefix=True))
+        for r in rs:
+            if group not in best or r["heldout"] < best[group][0]:
+                best[group] = (r["heldout"], arm, meta)
     best_any = [
         f"- {g[0]} avg bits, {g[1]}, {g[2]:,} search tokens: best held-out ppl of any arm {h:.3f} ({arm}; uniform reference "
         f"{meta['ref_held']:.3f}, full precision {meta['fp_held']:.3f})"
@@ -435,8 +432,9 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
-def _arm_row(arm: str, rs: list[dict[str, Any]], meta: dict[str, Any], gap: Any, prefix: bool = False) -> str:
+def _arm_row(arm: str, rs: list[dict[str, Any]], meta: dict[str, Any], prefix: bool = False) -> str:
     h = [r["heldout"] for r in rs]
+    gap = [(meta["ref_held"] - x) / (meta["ref_held"] - meta["fp_held"]) for x in h]  # closure from uniform to full precision
     sd = statistics.stdev(h) if len(h) > 1 else 0.0
     t1 = [r["trials_1pct"] for r in rs if r.get("trials_1pct") is not None]
     props = [r["proposal_s_mean"] for r in rs if r.get("proposal_s_mean") is not None]
@@ -448,7 +446,7 @@ def _arm_row(arm: str, rs: list[dict[str, Any]], meta: dict[str, Any], gap: Any,
         arm,
         str(len(rs)),
         f"{statistics.mean(h):.3f} ± {sd:.3f}",
-        f"{100 * statistics.mean(gap(x) for x in h):.1f}%",
+        f"{100 * statistics.mean(gap):.1f}%",
         f"{statistics.mean(t1):.1f}" if t1 else "n/a",
         f"{statistics.mean(props):.2f} / {max(pmax):.2f}" if props else "n/a",
         f"{statistics.mean(idle):.1f} (max {max(idle):.1f})" if idle else "n/a",
@@ -461,7 +459,7 @@ def _arm_row(arm: str, rs: list[dict[str, Any]], meta: dict[str, Any], gap: Any,
 
 
 def write_report(
-    b: Bench, args: argparse.Namespace, results: dict, curves: dict, breakdown: list, scaling: dict, fp_held: float, ref: tuple, gap: Any
+    b: Bench, args: argparse.Namespace, results: dict, curves: dict, breakdown: list, scaling: dict, fp_held: float, ref: tuple
 ) -> None:
     meta = {"avg_bits": args.avg_bits, "space": b.space_path.name, "limit_gb": b.limit, "trials": args.trials, "eval_tokens": args.eval_tokens,
             "heldout_tokens": args.heldout_tokens, "fp_held": fp_held, "ref": f"uniform {ref[0]}-bit g{ref[1]}", "ref_held": ref[3]}  # fmt: skip
@@ -471,7 +469,7 @@ def write_report(
              "| arm | runs | held-out ppl (mean ± sd) | gap closure | trials to within 1% | proposal s (mean / max) | worker idle % | own proposals beating every seed | best own vs best seed (held-out) |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for arm, rs in results.items():
-        lines.append(_arm_row(arm, rs, meta, gap))
+        lines.append(_arm_row(arm, rs, meta))
     walls = [
         f"{arm}: " + ", ".join(f"{r['wall_s']:.0f} s" + (f" ({r['wall_note']})" if r.get("wall_note") else "") for r in rs)
         for arm, rs in results.items()
