@@ -403,10 +403,16 @@ def merge(args: argparse.Namespace) -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     pooled: dict[tuple[Any, ...], tuple[dict[str, Any], list[dict[str, Any]]]] = {}  # (*group, arm) -> (meta, runs)
     for path in args.merge:
-        data = json.loads(Path(path).read_text())
-        meta = data["meta"]
-        group = (meta["avg_bits"], meta["space"], meta["eval_tokens"])
-        for arm, rs in data["results"].items():
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            meta, results = data["meta"], dict(data["results"])
+            group = (meta["avg_bits"], meta["space"], meta["eval_tokens"])
+            _ = meta["ref_held"], meta["fp_held"]
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise SystemExit(
+                f"--merge {path}: not a bench_search results.json ({type(e).__name__}: {e}); pass the results.json files bench_search runs wrote"
+            ) from None
+        for arm, rs in results.items():
             runs = pooled.setdefault((*group, arm), (meta, []))[1]
             if arm not in ONE_PLAN_ARMS or not runs:
                 runs.extend(rs)  # a stochastic arm's runs pool across files

@@ -85,3 +85,11 @@ def test_merge_lists_one_plan_arms_once_per_group_and_the_best_per_group(tmp_pat
         "- 3.75 avg bits, s.json, 1,024 search tokens: best held-out ppl of any arm 38.000 (ts; uniform reference 60.000, full precision 20.000)",
         "- 3.75 avg bits, s.json, 4,096 search tokens: best held-out ppl of any arm 39.000 (ts_seeded; uniform reference 60.000, full precision 20.000)",
     ]
+    # a file that is not a results.json: one line naming it, non-zero exit, no traceback
+    (tmp_path / "bad.json").write_text('{"results": {}}')
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_search.py"), "--merge", a, str(tmp_path / "bad.json"), "--out", str(tmp_path / "m2")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "bad.json: not a bench_search results.json" in r.stderr and not (tmp_path / "m2").exists()
