@@ -12,8 +12,10 @@ import sys
 from collections.abc import Sequence
 
 from bo_search import cli
+from bo_search.data import check_splits
 from bo_search.search import flags, runner, seeding
-from bo_search.search.experiment import Goal
+from bo_search.search.experiment import Goal, check_objective
+from bo_search.search.finalists import check_finalists
 from bo_search.structure import Structure
 from bo_search.types import UserError
 
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"size limit as average bits per quantized weight, scales and zero points included (default {DEFAULT_AVG_BITS} when no --model_size_constraint)",
     )
     flags.add_search_args(p, default_history="runs/acc_modelsize_history.csv", default_seeds="auto")
+    flags.add_selection_args(p)
     return p
 
 
@@ -72,6 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    check_objective(args.objective)
+    check_finalists(args.finalists, args.val_tokens)
     setup = runner.prepare(args, "modelsize")
     limit = size_limit(setup, args.model_size_constraint, args.avg_bits)
     n = sum(li.numel for li in setup.layers.linears)
@@ -81,7 +86,10 @@ def _main(args: argparse.Namespace) -> int:
     )
     if limit >= setup.max_gb:
         print("note: every plan of the space fits this limit, so it does not bind")
-    goal = Goal(objective="nll", minimize=True, constraint_metric="model_size_gb", limit=limit, search="modelsize")
+    if args.finalists > 0:
+        splits = ("search", "validation") + (("test",) if args.heldout_tokens > 0 else ())
+        check_splits(args.checkpoint, args.eval_text, splits, args.max_seqlen)
+    goal = Goal(objective=args.objective, minimize=True, constraint_metric="model_size_gb", limit=limit, search="modelsize")
     seeds = seeding.seeds_for(setup, args.initial_samples, limit)
     return runner.run_search(setup, goal, seeds)
 

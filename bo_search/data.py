@@ -1,14 +1,19 @@
 """Evaluation and calibration text: the embedded Wikipedia extract, local files, fixed windows.
 
 The text is a list of documents. Each document goes, by a hash of its title (or of its text when it
-has none), to one of three disjoint splits, so that no search reports its final number on the
-windows it optimised:
+has none), to one of four disjoint splits, so that no search reports its final number on the
+windows it optimised or chose on:
 
 ======================  =======================================================================
 ``calibration`` (20%)   sensitivity scores (FIT, Hessian, measured) and seeding
-``search`` (30%)        the perplexity every search trial is scored on (``cal_PPL``)
-``test`` (50%)          held-out perplexity of the final plans (``ppl_heldout``)
+``search`` (30%)        what every search trial is scored on (``cal_PPL``, ``kl``)
+``validation`` (20%)    choosing the final plan among the search's finalists (``val_PPL``, ``val_kl``)
+``test`` (30%)          held-out perplexity of the final plans (``ppl_heldout``), the only numbers reported
 ======================  =======================================================================
+
+The shares are of hash buckets, so a text's actual shares vary (the embedded extract's 106 articles
+fall 31/15/21/39). Calibration and search are the buckets they were before the validation split
+existed; validation was carved out of the former test split (hence ``TEXT_VERSION`` 3).
 
 Each split is tokenised once (documents joined by a blank line) and cached. Evaluation windows are
 ``n`` fixed, non-overlapping spans of ``seq_len`` tokens spread evenly over the split, each prefixed
@@ -36,13 +41,15 @@ from bo_search.types import UserError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("calibration", "search", "test")
-_SPLIT_OF_BUCKET = ["calibration"] * 2 + ["search"] * 3 + ["test"] * 5
+SPLITS = ("calibration", "search", "validation", "test")
+_SPLIT_OF_BUCKET = ["calibration"] * 2 + ["search"] * 3 + ["validation"] * 2 + ["test"] * 3
+#: how documents are assigned to splits, printed for a user's own text
+SPLIT_RULE = "by a hash of each document's title (else its text) into 10 buckets: calibration 2, search 3, validation 2, test 3"
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 EMBEDDED_TEXT = "embedded:wikipedia"
 PYDOC_TEXT = "pydoc"
 #: part of the text and token cache keys: bump it when extraction, splitting or tokenisation changes
-TEXT_VERSION = 2
+TEXT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -190,7 +197,8 @@ def file_corpus(path: str | os.PathLike[str]) -> Corpus:
         raise UserError(f"--eval_text {p} holds no text")
     counts = {s: sum(d.split == s for d in docs) for s in SPLITS}
     print(
-        f"--eval_text {p}: {len(docs)} documents ({rule}); calibration/search/test: " + "/".join(str(counts[s]) for s in SPLITS),
+        f"--eval_text {p}: {len(docs)} documents ({rule}); split {SPLIT_RULE}; documents per split "
+        + ", ".join(f"{s} {counts[s]}" for s in SPLITS),
         file=sys.stderr,
         flush=True,
     )
@@ -289,6 +297,17 @@ def make_windows(stream: torch.Tensor, n_tokens: int, seq_len: int, prefix_id: i
     body = torch.stack([stream[s : s + seq_len] for s in starts])
     prefix = torch.full((n, 1), prefix_id, dtype=torch.long)
     return Windows(torch.cat([prefix, body], dim=1), split, starts)
+
+
+def check_splits(checkpoint: str | None, eval_text: str | None, splits: tuple[str, ...], seq_len: int) -> None:
+    """Before any worker starts: each of ``splits`` holds at least one window of ``seq_len`` tokens
+    (a UserError saying how long the text must be otherwise). Tokens are cached for the workers."""
+    from bo_search.model import load_tokenizer
+
+    tok = load_tokenizer(checkpoint)
+    corpus = load_corpus(eval_text)
+    for split in splits:
+        make_windows(token_stream(tok, corpus, split), seq_len, seq_len, prefix_token_id(tok), split, corpus.name)
 
 
 def split_windows(tok: Any, corpus: Corpus, split: str, n_tokens: int, seq_len: int) -> Windows:

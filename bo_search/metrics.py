@@ -8,6 +8,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,128 @@ def window_nll(model: Any, windows: Windows, batch_size: int = 4) -> torch.Tenso
         nll = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
         sums[start : start + batch.shape[0]] = nll.view(batch.shape[0], -1).sum(dim=1).double().cpu()
     return sums
+
+
+#: next-token probabilities of the full-precision model kept per scored position for the KL objective
+#: (the rest of the vocabulary is one "other" bucket; see :class:`Reference`)
+KL_TOP_K = 64
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The full-precision model's outputs on fixed windows, computed once per worker.
+
+    ``nll``: mean next-token NLL per window. ``top_ids``/``top_logp``: per scored position, the ``k``
+    most likely next tokens and their log-probabilities (int32 and float32: 8 bytes per entry, so
+    ``n_tokens * k * 8`` bytes whatever the vocabulary; 8,192 tokens at k = 64 are 4 MB, where full
+    float16 distributions would be 0.8 GB at a 49k vocabulary and 4.3 GB at 262k).
+
+    The KL of a quantized model is measured between the two distributions coarsened to those ``k``
+    tokens plus one bucket for the rest of the vocabulary. That is a lower bound of the full KL (a
+    coarsening never increases it) and close to it when the top ``k`` hold most of the mass
+    (BENCHMARKS.md measures the gap)."""
+
+    nll: torch.Tensor  # (n_windows,) float64
+    top_ids: torch.Tensor  # (n_windows, seq_len, k) int32
+    top_logp: torch.Tensor  # (n_windows, seq_len, k) float32
+
+    @property
+    def nbytes(self) -> int:
+        return self.top_ids.numel() * 4 + self.top_logp.numel() * 4 + self.nll.numel() * 8
+
+
+@dataclass(frozen=True)
+class Score:
+    """One model's measurement on fixed windows: mean NLL per window and, against a reference, the
+    NLL increase and the KL divergence per window. Means and standard errors across windows."""
+
+    nll_w: torch.Tensor  # (n_windows,) mean NLL per token in each window
+    seq_len: int
+    delta_w: torch.Tensor | None = None  # nll_w - reference nll per window
+    kl_w: torch.Tensor | None = None  # mean KL(full precision || model) per token in each window
+
+    @property
+    def n_windows(self) -> int:
+        return int(self.nll_w.numel())
+
+    @property
+    def perplexity(self) -> Perplexity:
+        return Perplexity.from_nll(float(self.nll_w.mean()), _sem(self.nll_w), self.n_windows * self.seq_len, self.n_windows)
+
+    @property
+    def kl(self) -> float | None:
+        return None if self.kl_w is None else float(self.kl_w.mean())
+
+    @property
+    def kl_sem(self) -> float | None:
+        return None if self.kl_w is None else _sem(self.kl_w)
+
+    @property
+    def delta_sem(self) -> float | None:
+        """Standard error of the NLL increase over full precision across windows: how much the
+        plan's score would move on other text, with the text's own difficulty taken out."""
+        return None if self.delta_w is None else _sem(self.delta_w)
+
+
+def _sem(v: torch.Tensor) -> float:
+    n = v.numel()
+    return float(v.double().std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+
+
+@torch.inference_mode()
+def reference(model: Any, windows: Windows, batch_size: int = 4, k: int = KL_TOP_K) -> Reference:
+    """The full-precision model's per-window NLL and top-``k`` next-token log-probabilities."""
+    device = next(model.parameters()).device
+    ids = windows.ids
+    n, t = ids.shape[0], windows.seq_len
+    k = min(k, int(model.config.vocab_size) if hasattr(model, "config") else k)
+    nll = torch.empty(n, dtype=torch.float64)
+    top_ids = torch.empty((n, t, k), dtype=torch.int32)
+    top_logp = torch.empty((n, t, k), dtype=torch.float32)
+    for start in range(0, n, batch_size):
+        batch = ids[start : start + batch_size].to(device)
+        logp = F.log_softmax(model(input_ids=batch[:, :-1], use_cache=False).logits.float(), dim=-1)
+        tok = logp.gather(-1, batch[:, 1:, None]).squeeze(-1)
+        nll[start : start + batch.shape[0]] = (-tok.double().mean(dim=1)).cpu()
+        vals, idx = logp.topk(k, dim=-1)
+        top_ids[start : start + batch.shape[0]] = idx.to(torch.int32).cpu()
+        top_logp[start : start + batch.shape[0]] = vals.cpu()
+    return Reference(nll, top_ids, top_logp)
+
+
+@torch.inference_mode()
+def score(model: Any, windows: Windows, batch_size: int = 4, ref: Reference | None = None) -> Score:
+    """Per-window mean NLL, and with ``ref`` (the same windows' full-precision outputs) the NLL
+    increase and the coarsened KL(full precision || model) per window (see :class:`Reference`)."""
+    device = next(model.parameters()).device
+    ids = windows.ids
+    n = ids.shape[0]
+    nll = torch.empty(n, dtype=torch.float64)
+    kl = torch.empty(n, dtype=torch.float64) if ref is not None else None
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        batch = ids[start:stop].to(device)
+        logp = F.log_softmax(model(input_ids=batch[:, :-1], use_cache=False).logits.float(), dim=-1)
+        nll[start:stop] = (-logp.gather(-1, batch[:, 1:, None]).squeeze(-1).double().mean(dim=1)).cpu()
+        if ref is not None and kl is not None:
+            kl[start:stop] = coarse_kl(
+                ref.top_logp[start:stop].to(device), logp.gather(-1, ref.top_ids[start:stop].to(device).long())
+            ).cpu()
+    delta = nll - ref.nll if ref is not None else None
+    return Score(nll, windows.seq_len, delta, kl)
+
+
+def coarse_kl(p_top: torch.Tensor, q_top: torch.Tensor) -> torch.Tensor:
+    """Mean KL(p || q) per window over positions, both distributions coarsened to the top-k tokens of
+    p plus one bucket for the rest. ``p_top``, ``q_top``: (windows, positions, k) log-probabilities."""
+    p = p_top.double().exp()
+    q = q_top.double().exp()
+    p_rest = 1.0 - p.sum(-1)
+    p_rest = torch.where(p_rest > 1e-6, p_rest, torch.zeros_like(p_rest))  # below: rounding residue of float32 log-probs
+    q_rest = (1.0 - q.sum(-1)).clamp_min(1e-12)
+    per_pos = (p * (p_top.double() - q_top.double())).sum(-1)
+    rest = torch.where(p_rest > 0, p_rest * (p_rest.clamp_min(1e-12).log() - q_rest.log()), torch.zeros_like(p_rest))
+    return (per_pos + rest).mean(dim=-1)
 
 
 def perplexity(model: Any, windows: Windows, batch_size: int = 4) -> Perplexity:

@@ -310,6 +310,18 @@ def discover_layers(model: Any, include_lm_head: bool = False) -> ModelLayers:
     return ModelLayers(blocks_fqn, len(blocks), tuple(linears))
 
 
+def load_tokenizer(checkpoint: str | os.PathLike[str] | None = None) -> Any:
+    """The checkpoint's tokenizer alone (for checks the driver makes before any worker starts)."""
+    from transformers import AutoTokenizer
+
+    ref = resolve_checkpoint(checkpoint)
+    hf_dir = ref.hf_dir if ref.hf_dir is not None else _convert_gguf(ref)
+    try:
+        return AutoTokenizer.from_pretrained(str(hf_dir))
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the tokenizer of checkpoint {hf_dir}: {str(err).splitlines()[0]}") from err
+
+
 def load_structure(checkpoint: str | os.PathLike[str] | None = None) -> tuple[Any, CheckpointRef]:
     """The model's module structure on the meta device (shapes and dtypes, no weights in memory).
 

@@ -30,6 +30,8 @@ class EvalConfig:
     eval_text: str | None = None
     eval_tokens: int = 2048
     heldout_tokens: int = 4096
+    #: tokens of the validation split the finalists are re-scored on (0: none)
+    val_tokens: int = 8192
     max_seqlen: int = 512
     batch_size: int = 4
     scale_dtype: str = "float16"
@@ -54,6 +56,8 @@ class EvalConfig:
             raise UserError(f"--eval_tokens must be positive, got {self.eval_tokens}")
         if self.heldout_tokens < 0:
             raise UserError(f"--heldout_tokens must be zero or positive, got {self.heldout_tokens}")
+        if self.val_tokens < 0:
+            raise UserError(f"--val_tokens must be zero or positive, got {self.val_tokens}")
         if self.max_seqlen <= 1:
             raise UserError(f"--max_seqlen must be at least 2, got {self.max_seqlen}")
         if self.batch_size <= 0:
@@ -119,6 +123,76 @@ class ModelContext:
         self.load_s = time.perf_counter() - t0
         self._bytes_model: Any = None
         self._compiled = False
+        self._search_ref: Any = None
+        self._val: Any = None  # (validation windows, their reference), built at the first re-score
+
+    def search_reference(self) -> Any:
+        """The full-precision model's outputs on the search windows (computed once, with the model
+        restored to full precision first): what a trial's KL and NLL increase are measured against."""
+        from bo_search.metrics import reference
+
+        if self._search_ref is None:
+            self.applier.restore()
+            self._search_ref = reference(self.model, self.search_windows, self.cfg.batch_size)
+        return self._search_ref
+
+    def validation(self) -> tuple[Any, Any]:
+        """The validation windows and the full-precision reference on them (built once, on first use)."""
+        from bo_search.data import split_windows
+        from bo_search.metrics import reference
+
+        if self._val is None:
+            if self.cfg.val_tokens <= 0:
+                raise UserError("re-scoring finalists needs validation tokens: --val_tokens is 0")
+            windows = split_windows(self.tok, self.corpus, "validation", self.cfg.val_tokens, self.cfg.max_seqlen)
+            self.applier.restore()
+            self._val = (windows, reference(self.model, windows, self.cfg.batch_size))
+        return self._val
+
+    def rescore(self, plan: QuantPlan, split: str, with_search: bool = False) -> dict[str, Any]:
+        """A finalist measured on the ``validation`` split (perplexity, NLL increase and KL against
+        full precision) or the ``test`` split (perplexity): means, standard errors across windows,
+        and the per-window values (for paired comparisons between plans). ``with_search``: also its
+        search-split score (``search``: ppl, nll, kl and their standard errors), for a plan that
+        was never a trial."""
+        from bo_search.metrics import score
+
+        if split == "validation":
+            windows, ref = self.validation()
+        elif split == "test":
+            if self.heldout_windows is None:
+                raise UserError("held-out perplexity needs test tokens: --heldout_tokens is 0")
+            windows, ref = self.heldout_windows, None
+        else:
+            raise ValueError(f"unknown split {split!r}")
+        search_ref = self.search_reference() if with_search else None
+        t0 = time.perf_counter()
+        self.applier.apply(plan)
+        try:
+            sc = score(self.model, windows, self.cfg.batch_size, ref)
+            on_search = score(self.model, self.search_windows, self.cfg.batch_size, search_ref) if with_search else None
+        finally:
+            self.applier.restore()
+        ppl = sc.perplexity
+        extra: dict[str, Any] = {}
+        if on_search is not None:
+            sp = on_search.perplexity
+            extra["search"] = {"ppl": sp.ppl, "ppl_sem": sp.ppl_sem, "nll": sp.nll, "nll_delta_sem": on_search.delta_sem,
+                               "kl": on_search.kl, "kl_sem": on_search.kl_sem}  # fmt: skip
+        return {
+            **extra,
+            "split": split,
+            "ppl": ppl.ppl,
+            "nll": ppl.nll,
+            "nll_sem": ppl.nll_sem,
+            "nll_delta_sem": sc.delta_sem,
+            "kl": sc.kl,
+            "kl_sem": sc.kl_sem,
+            "tokens": ppl.n_tokens,
+            "nll_w": sc.nll_w.tolist(),
+            "kl_w": sc.kl_w.tolist() if sc.kl_w is not None else None,
+            "seconds": time.perf_counter() - t0,
+        }
 
     def throughput(self, plan: QuantPlan) -> tuple[Any, Any]:
         """(Throughput, Perplexity) of a plan per ``cfg.throughput_model``. Measured: on the model with
@@ -198,12 +272,15 @@ class ModelContext:
         The model is left holding this plan (restoring is deferred: the next trial rewrites only the
         layers whose setting changes, which is what makes per-trial quantization cheap).
         """
-        from bo_search.metrics import perplexity
+        from bo_search.metrics import score
 
         t0 = time.perf_counter()
         quantize_s = evaluate_s = 0.0
+        sc = None
         try:
             size = self.size_model.report(plan)
+            ref = None if self.cfg.throughput_model else self.search_reference()
+            t0 = time.perf_counter()
             self.applier.apply(plan)
             quantize_s = time.perf_counter() - t0
             t1 = time.perf_counter()
@@ -211,7 +288,8 @@ class ModelContext:
             if self.cfg.throughput_model:
                 tp, ppl = self.throughput(plan)
             else:
-                ppl = perplexity(self.model, self.search_windows, self.cfg.batch_size)
+                sc = score(self.model, self.search_windows, self.cfg.batch_size, ref)
+                ppl = sc.perplexity
             evaluate_s = time.perf_counter() - t1
             if not torch.isfinite(torch.tensor(ppl.nll)):
                 raise FloatingPointError(f"non-finite loss ({ppl.nll}) on the search windows")
@@ -221,7 +299,13 @@ class ModelContext:
             log.warning("trial %d failed: %s\n%s", trial_index, reason, traceback.format_exc())
             return TrialResult(trial_index, "failed", reason=reason, quantize_s=quantize_s, evaluate_s=evaluate_s, worker_id=worker_id)
         metrics = {"nll": ppl.nll, "ppl": ppl.ppl, "model_size_gb": size.gb, "avg_bits": size.avg_bits}
-        sems = {"nll": ppl.nll_sem, "ppl": ppl.ppl_sem}
+        # the sem of nll is that of its increase over full precision (the text's own spread taken out):
+        # the noise of the score as an estimate of the plan's damage; ppl keeps the plain window spread
+        sems = {"ppl": ppl.ppl_sem}
+        if sc is not None and sc.kl is not None:
+            metrics["kl"] = sc.kl
+            sems["kl"] = sc.kl_sem  # type: ignore[assignment]
+            sems["nll"] = sc.delta_sem  # type: ignore[assignment]
         if tp is not None:
             metrics["throughput"] = tp.tokens_per_s
             sems["throughput"] = tp.sem

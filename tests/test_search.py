@@ -56,7 +56,8 @@ def test_end_to_end_two_workers_uneven(tiny_llama, tmp_path):
     rows = read_history(hist).rows
     evaluated = [x for x in rows if x.status in ("completed", "failed")]
     assert len(evaluated) == 5  # 5 trials on 2 workers: none dropped
-    assert len({x.trial_index for x in rows}) == len(rows)
+    trials = [x for x in rows if x.status != "rescored"]
+    assert len({x.trial_index for x in trials}) == len(trials)
     limit = None
     for line in r.stdout.splitlines():
         if line.startswith("size limit "):
@@ -68,6 +69,12 @@ def test_end_to_end_two_workers_uneven(tiny_llama, tmp_path):
     assert "best feasible trial" in r.stdout and "held-out" in r.stdout
     best = json.loads((tmp_path / "h.csv.best_plan.json").read_text())
     assert best["ppl_heldout"] > 1 and best["model_size_gb"] <= limit
+    # the final plan is the validation winner among the finalists re-scored when the search ended
+    resc = [x for x in read_history(hist).rows if x.status == "rescored"]
+    assert resc and all(x.val_tokens and x.val_PPL > 1 and x.val_kl is not None for x in resc)
+    winner = min(resc, key=lambda x: x.val_kl)
+    assert best["picked_by"] == "validation" and best["val_kl"] == winner.val_kl and best["trial_index"] == winner.trial_index
+    assert "the search's pick is" in r.stdout
     # the best plan loads in bo_search.evaluate
     r2 = run_cli(
         [
@@ -128,7 +135,8 @@ def test_resume_after_sigkill(tiny_llama, tmp_path):
     assert set(completed_before) <= set(after)
     assert all(after[i].cal_PPL == completed_before[i].cal_PPL for i in completed_before)
     assert sum(x.status in ("completed", "failed") for x in rows) == 8
-    assert len({x.trial_index for x in rows}) == len(rows)
+    trials = [x for x in rows if x.status != "rescored"]
+    assert len({x.trial_index for x in trials}) == len(trials)
 
 
 def _kill_group(pid):
@@ -189,6 +197,8 @@ def test_ctrl_c_marks_abandoned_and_says_how_to_resume(tiny_llama, tmp_path):
         (["--num_trials", "0"], "--num_trials must be at least 1"),
         (["--initial_samples", "/nonexistent.json"], "initial samples file not found"),
         (["--resume"], "does not exist or is empty"),
+        (["--finalists", "-1"], "--finalists must be 0"),
+        (["--objective", "kll"], "did you mean 'kl'"),
     ],
 )
 def test_bad_input_exits_2_before_any_trial(tiny_llama, tmp_path, extra, message):
@@ -202,6 +212,61 @@ def test_bad_input_exits_2_before_any_trial(tiny_llama, tmp_path, extra, message
     r = run_cli(args, timeout=120)
     assert r.returncode == 2, (r.stdout[-1000:], r.stderr[-2000:])
     assert message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "h.csv").exists()
+
+
+def test_final_choice_names_a_seed_reuses_rescores_on_resume_and_finalists_0_picks_on_the_search_split(tiny_llama, tmp_path):
+    space = tiny_space(tmp_path / "space.json")
+    hist = tmp_path / "h.csv"
+    best_json = tmp_path / "h.csv.best_plan.json"
+    # only seeds evaluated: the pick is a seed, and the summary says so
+    r = run_cli(base_args(tiny_llama, space, hist, "--num_trials", "2", "--initial_samples", "uniform", "--val_tokens", "1024"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "the search's pick is a seed (trial" in r.stdout, r.stdout[-2000:]
+    first = [x for x in read_history(hist).rows if x.status == "rescored"]
+    assert first and all(x.source == "seed" for x in first)
+    # resumed to more trials: the finalists re-scored before are reused, not measured again
+    r = run_cli(base_args(tiny_llama, space, hist, "--num_trials", "5", "--initial_samples", "uniform", "--val_tokens", "1024"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = re.search(r"finalists: (\d+) \((\d+) re-scores reused from the history\)", r.stdout)
+    assert m and int(m.group(2)) >= 1, r.stdout[-2000:]
+    rows = read_history(hist).rows
+    resc = [x for x in rows if x.status == "rescored"]
+    assert len({x.plan for x in resc}) == len(resc)  # no plan re-scored twice
+    before = hist.read_bytes()
+    r = run_cli(base_args(tiny_llama, space, hist, "--num_trials", "5", "--initial_samples", "uniform", "--val_tokens", "1024"))
+    assert r.returncode == 0 and f"finalists: {int(m.group(1))} ({int(m.group(1))} re-scores reused" in r.stdout, r.stdout[-2000:]
+    assert hist.read_bytes() == before  # nothing measured, nothing written
+    chosen = json.loads(best_json.read_text())
+    winner = min(resc, key=lambda x: x.val_kl)
+    assert chosen["picked_by"] == "validation" and chosen["val_kl"] == winner.val_kl
+    # --finalists 0: the old rule, the best trial on the search split
+    r = run_cli(base_args(tiny_llama, space, hist, "--num_trials", "5", "--initial_samples", "uniform", "--finalists", "0"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    chosen = json.loads(best_json.read_text())
+    done = [x for x in rows if x.status == "completed"]
+    assert chosen["picked_by"] == "search split" and chosen["kl"] == min(x.kl for x in done)
+    assert "final pick by validation" not in r.stdout
+
+
+def test_text_too_short_for_a_validation_split_is_one_line(tiny_llama, tmp_path):
+    from bo_search.data import Document
+
+    from test_text_split import _sentences
+
+    docs = []
+    for i, text in enumerate(_sentences(80)):
+        title = f"doc {i}"
+        if Document(title, text).split != "validation":  # a text whose documents all miss the validation split
+            docs.append({"title": title, "text": text})
+    text = tmp_path / "t.jsonl"
+    text.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    space = tiny_space(tmp_path / "space.json")
+    args = base_args(tiny_llama, space, tmp_path / "h.csv", "--num_trials", "2")
+    args[args.index("--eval_text") + 1] = str(text)
+    r = run_cli(args, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert re.search(r"error: the validation split of .* so the text needs at least about \d+ tokens", r.stderr), r.stderr[-2000:]
     assert not (tmp_path / "h.csv").exists()
 
 
@@ -276,6 +341,7 @@ def test_strategy_rows_and_bad_strategy(tiny_llama, tmp_path):
     r = run_cli(base_args(tiny_llama, space, hist, "--num_trials", "6", "--initial_samples", "none"))
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_history(hist).rows
+    rows = [x for x in rows if x.status != "rescored"]
     assert [x.source for x in rows] == ["thompson"] * 6 and all(x.status == "completed" for x in rows)
     assert len({x.plan for x in rows}) == 6  # every proposal new
     r = run_cli(base_args(tiny_llama, space, tmp_path / "x.csv", "--strategy", "thomson"))
@@ -337,7 +403,7 @@ def test_history_records_its_limit_and_refuses_another(tiny_llama, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_history(hist).rows
     assert {x.limit_metric for x in rows} == {"model_size_gb"} and len({x.limit for x in rows}) == 1
-    assert rows[0].goal == "min nll s.t. model_size_gb <= limit"
+    assert rows[0].goal == "min kl s.t. model_size_gb <= limit"
     before = hist.read_bytes()
     args = base_args(tiny_llama, space, hist, "--num_trials", "3")
     args[args.index("--avg_bits") + 1] = "6"

@@ -102,6 +102,8 @@ class Analysis:
     group_sizes: tuple[int, ...]
     symmetric: bool
     notes: list[str] = field(default_factory=list)
+    #: finalists re-scored on the validation split when the search ended (status ``rescored``)
+    rescored: list[HistoryRow] = field(default_factory=list)
 
     @property
     def by_throughput(self) -> bool:
@@ -145,10 +147,13 @@ def analyse(loaded: LoadedHistory, path: str | Path, opts: ReportOptions) -> Ana
     if len(with_ppl) < len(completed):
         notes.append(f"{len(completed) - len(with_ppl)} completed trial(s) have no perplexity and are not plotted")
 
+    rescored = [r for r in rows if r.status == "rescored"]
     if search == "throughput":
         limit, feasible, best, best_why, front = _by_throughput(rows, with_ppl, opts)
     else:
         limit, feasible, best, best_why, front = _by_size(rows, completed, infeasible, with_ppl, search, opts)
+        if search == "modelsize" and opts.trial is None:
+            best, best_why = _validation_pick(rescored, completed, limit, best, best_why)
     group_sizes: set[int] = set()
     sym: set[bool] = set()
     for r in rows:
@@ -176,6 +181,7 @@ def analyse(loaded: LoadedHistory, path: str | Path, opts: ReportOptions) -> Ana
         group_sizes=tuple(sorted(group_sizes, key=lambda g: (g == -1, g))),
         symmetric=sym == {True},
         notes=notes,
+        rescored=rescored,
     )
 
 
@@ -242,6 +248,35 @@ def _by_size(
     pts = [(r.model_size or 0.0, r.cal_PPL or math.inf) for r in with_ppl]
     front = [with_ppl[i] for i in pareto_front(pts)]
     return _Choice(limit, feasible, best, best_why, front)
+
+
+def objective_of(rows: Sequence[HistoryRow]) -> str:
+    """The search's objective as its rows record it ("min kl s.t. ..." -> kl; nll otherwise)."""
+    goals = Counter(r.goal.split()[1] for r in rows if r.goal.startswith("min ") and len(r.goal.split()) > 1)
+    return goals.most_common(1)[0][0] if goals else "nll"
+
+
+def _validation_pick(
+    rescored: list[HistoryRow], completed: list[HistoryRow], limit: Limit, best: HistoryRow | None, best_why: str
+) -> tuple[HistoryRow | None, str]:
+    """The search's final pick: among the finalists re-scored on the validation split (the latest
+    validation size, within the limit), the best by the search's objective. Reported as its trial's
+    row (or the rescored row of a uniform plan no trial evaluated)."""
+    from bo_search.search.finalists import val_score
+
+    if not rescored:
+        return best, best_why
+    latest = max(rescored, key=lambda r: r.timestamp).val_tokens
+    cands = [
+        r for r in rescored if r.val_tokens == latest and (not limit.known or (r.model_size or 0.0) <= (limit.value or 0.0) * (1 + 1e-9))
+    ]
+    if not cands:
+        return best, best_why
+    objective = objective_of(rescored)
+    pick = min(cands, key=lambda r: val_score(r, objective))
+    trial = next((r for r in completed if r.trial_index == pick.trial_index and r.plan == pick.plan), None)
+    why = f"best by validation {objective} ({latest:,} tokens) among the {len(cands)} finalists re-scored when the search ended"
+    return trial or pick, why
 
 
 def _recorded_limit(rows: Sequence[HistoryRow]) -> float | None:

@@ -137,6 +137,7 @@ def _main(args: argparse.Namespace) -> int:
         print(
             f"best feasible trial {a.best.trial_index}: size {a.best.model_size:.6g} GB, perplexity {a.best.cal_PPL:.4f}"
             + (f", held-out {held:.4f}" if held is not None else "")
+            + f" ({a.best_why})"
         )
     print(f"Pareto front: {len(a.front)} trials")
     if res.evaluation is not None:

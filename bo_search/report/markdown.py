@@ -7,11 +7,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bo_search.report.analysis import Analysis
+from bo_search.report.analysis import Analysis, objective_of
 from bo_search.report.baselines import CACHE_NAME, Evaluation
 from bo_search.report.bundle import ExportResult
 from bo_search.report.export import TORCHAO_APPLY
 from bo_search.report.plots import source_style
+from bo_search.search.history import OLD_TEST_SPLIT_FORMATS
 from bo_search.types import QuantPlan
 
 
@@ -43,14 +44,18 @@ def bits_histogram(plan: QuantPlan) -> dict[int, int]:
 
 def render_markdown(an: Analysis, ev: Evaluation | None, export_res: ExportResult | None, images: Sequence[Path], out_dir: Path) -> str:
     heldout = dict(ev.heldout) if ev is not None else {}
+    for r in an.rows:  # rescored rows first: their held-out numbers are on today's test split
+        if r.ppl_heldout is not None and r.status == "rescored":
+            heldout.setdefault(r.trial_index, r.ppl_heldout)
     for r in an.rows:
-        if r.ppl_heldout is not None and r.status == "completed":
+        if r.ppl_heldout is not None and r.status == "completed" and r.format not in OLD_TEST_SPLIT_FORMATS:
             heldout.setdefault(r.trial_index, r.ppl_heldout)
     out = _summary(an, ev)
     for img in images:
         out.append(f"![{img.stem}]({img.relative_to(out_dir).as_posix()})")
         out.append("")
     out += _best_section(an, ev, heldout)
+    out += _finalists_section(an)
     out += _front_section(an, heldout)
     out += _baselines_section(ev)
     out += _failures_section(an)
@@ -158,7 +163,12 @@ def _best_section(an: Analysis, ev: Evaluation | None, heldout: dict[int, float]
     if b is None:
         out.append("No completed trial is feasible" + (" under the given limit." if lim.known else "."))
     else:
-        out.append(f"Trial **{b.trial_index}** ({source_style(b.source)[2]}): {an.best_why}.")
+        what = (
+            f"Trial **{b.trial_index}**"
+            if b.trial_index >= 0
+            else f"The uniform plan **{next(iter(b.plan.values())).label()}** (not a trial)"
+        )
+        out.append(f"{what} ({source_style(b.source)[2]}): {an.best_why}.")
         out.append("")
         cols = ["model size (GB)", "avg bits", "perplexity (search split)", "perplexity (held-out)"] + (
             ["throughput (tok/s)"] if b.cal_throughput is not None else []
@@ -189,6 +199,54 @@ def _best_section(an: Analysis, ev: Evaluation | None, heldout: dict[int, float]
         out.append("")
         out.append(_md_table(["setting", "layers"], [[k, v] for k, v in b.plan.histogram().items()]))
         out.append("")
+    return out
+
+
+def _finalists_section(an: Analysis) -> list[str]:
+    """The finalists re-scored on the validation split, best first (what chose the final plan)."""
+    from bo_search.search.finalists import val_score
+
+    if not an.rescored:
+        return []
+    objective = objective_of(an.rescored)
+    rows = sorted(an.rescored, key=lambda r: (-(r.val_tokens or 0), val_score(r, objective)))
+    out = [f"## Finalists re-scored on the validation split ({len(rows)})", ""]
+    out.append(
+        f"The search's {objective} on its own windows is noisy; when it ended, these plans were measured on the validation "
+        "split (text neither the search nor the seeding saw) and the best there is the pick. Held-out numbers (the test split) "
+        "are measured for the pick, the best seed and the best uniform plan only."
+    )
+    out.append("")
+    table = []
+    for r in rows:
+        trial = str(r.trial_index) if r.trial_index >= 0 else "-"
+        kl = f"{r.val_kl:.4f} ± {r.val_kl_sem:.4f}" if r.val_kl is not None and r.val_kl_sem is not None else _num(r.val_kl)
+        table.append(
+            [
+                trial,
+                source_style(r.source)[2],
+                r.reason or "-",
+                _num(r.cal_PPL),
+                _num(r.kl),
+                f"{r.val_tokens or 0:,}",
+                _num(r.val_PPL),
+                kl,
+                _num(r.ppl_heldout),
+            ]
+        )
+    head = [
+        "trial",
+        "source",
+        "role",
+        "perplexity (search)",
+        "KL (search)",
+        "validation tokens",
+        "perplexity (validation)",
+        "KL (validation)",
+        "perplexity (held-out)",
+    ]
+    out.append(_md_table(head, table))
+    out.append("")
     return out
 
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bo_search.search.experiment import DETERMINISTIC_METRICS, AxDriver, Goal
+from bo_search.search.experiment import NOISY_METRICS, AxDriver, Goal
 from bo_search.search.history import HistoryRow, HistoryWriter
 from bo_search.types import QuantPlan, TrialResult
 
@@ -207,14 +207,7 @@ class Search:
 
     def _complete_in_ax(self, res: TrialResult, prop: Proposal) -> None:
         if res.ok:
-            data: dict[str, float | tuple[float, float | None]] = {}
-            for name, value in res.metrics.items():
-                sem = res.sems.get(name)
-                # Perplexity on fixed windows is deterministic; its window-sampling error is shared by
-                # every trial, so it is not per-trial noise: Ax infers the noise level instead.
-                data[name] = (value, sem) if sem is not None and name not in DETERMINISTIC_METRICS else value
-            data["model_size_gb"] = (prop.size_gb, 0.0)  # exact: zero noise is the truth here
-            self.driver.complete(prop.index, data)
+            self.driver.complete(prop.index, ax_data(res.metrics, res.sems, prop.size_gb, self.driver.cfg.strategy))
         else:
             self.driver.fail(prop.index, res.reason)
 
@@ -356,11 +349,30 @@ class Search:
         return row
 
 
+def ax_data(
+    metrics: Mapping[str, float], sems: Mapping[str, float], size_gb: float, strategy: str
+) -> dict[str, float | tuple[float, float | None]]:
+    """A trial's data for Ax. The NLL and KL standard errors are those of the damage across the
+    search windows (how far the score may sit from the plan's damage on other text): the Thompson
+    model takes them as each measurement's noise. GP keeps inferring one noise level for them, as
+    before (Ax's GP would treat given standard errors as the whole noise). Measured throughput
+    always carries its spread over repeats."""
+    data: dict[str, float | tuple[float, float | None]] = {}
+    for name, value in metrics.items():
+        sem = sems.get(name)
+        use_sem = sem is not None and math.isfinite(sem) and (name == "throughput" or (name in NOISY_METRICS and strategy == "thompson"))
+        data[name] = (value, sem) if use_sem else value
+    data["model_size_gb"] = (size_gb, 0.0)  # exact: zero noise is the truth here
+    return data
+
+
 def _default_metrics_to_row(res: TrialResult) -> dict[str, Any]:
     m, s = res.metrics, res.sems
     out: dict[str, Any] = {}
     if "ppl" in m:
-        out.update(cal_PPL=m["ppl"], cal_PPL_sem=s.get("ppl"), nll=m.get("nll"))
+        out.update(cal_PPL=m["ppl"], cal_PPL_sem=s.get("ppl"), nll=m.get("nll"), nll_delta_sem=s.get("nll"))
+    if "kl" in m:
+        out.update(kl=m["kl"], kl_sem=s.get("kl"))
     if "avg_bits" in m:
         out["avg_bits"] = m["avg_bits"]
     if "throughput" in m:
@@ -370,5 +382,15 @@ def _default_metrics_to_row(res: TrialResult) -> dict[str, Any]:
 
 def _better(a: HistoryRow, b: HistoryRow, goal: Goal) -> bool:
     if goal.minimize:
-        return (a.cal_PPL or math.inf) < (b.cal_PPL or math.inf)
+        return search_score(a, goal.objective) < search_score(b, goal.objective)
     return (a.cal_throughput or -math.inf) > (b.cal_throughput or -math.inf)
+
+
+def search_score(row: HistoryRow, objective: str) -> float:
+    """A completed row's search-split score under ``objective`` (lower is better): its KL, or its
+    NLL (from the perplexity where an old row lacks it); inf when the row lacks it."""
+    if objective.startswith("kl"):
+        return row.kl if row.kl is not None else math.inf
+    if row.nll is not None:
+        return row.nll
+    return math.log(row.cal_PPL) if row.cal_PPL else math.inf

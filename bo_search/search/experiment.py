@@ -21,7 +21,7 @@ from bo_search.types import UserError
 class Goal:
     """What the search optimises and under which constraint."""
 
-    objective: str  # Ax metric name(s): "nll" (minimised), "throughput" (maximised), or "nll, model_size_gb" (Pareto)
+    objective: str  # Ax metric name(s): "kl" or "nll" (minimised), "throughput" (maximised), or "kl, model_size_gb" (Pareto)
     minimize: bool
     constraint_metric: str  # "model_size_gb", "ppl", or "" (Pareto: none)
     limit: float  # constraint: metric <= limit
@@ -34,7 +34,18 @@ class Goal:
         return "," in self.objective
 
 
-DETERMINISTIC_METRICS = ("nll", "ppl")
+#: metrics whose recorded standard error is the noise of the damage they estimate (see driver.ax_data)
+NOISY_METRICS = ("nll", "kl")
+#: what a size-limited search can minimise on the search split
+OBJECTIVES = ("kl", "nll")
+
+
+def check_objective(name: str) -> str:
+    from bo_search.types import did_you_mean
+
+    if name not in OBJECTIVES:
+        raise did_you_mean(name, OBJECTIVES, "--objective")
+    return name
 
 
 class AxDriver:
@@ -98,17 +109,24 @@ class AxDriver:
 
 
 def attach_history(driver: AxDriver, rows: Sequence[HistoryRow]) -> int:
-    """Attach every row of a history to a fresh experiment (completed with their metrics, infeasible
-    with their exact size, failed and abandoned as such). Returns the index offset for new rows."""
-    for row in rows:
+    """Attach every trial row of a history to a fresh experiment (completed with their metrics,
+    infeasible with their exact size, failed and abandoned as such; rescored finalists are not
+    trials). Returns the index offset for new rows."""
+    from bo_search.search.driver import ax_data
+
+    trials = [r for r in rows if r.status != "rescored"]
+    for row in trials:
         values = driver.space.encode(row.plan)
         idx = driver.attach(values)
         if row.status == "completed":
-            data: dict[str, float | tuple[float, float | None]] = {"model_size_gb": (float(row.model_size or 0.0), 0.0)}
-            if row.nll is not None:
-                data["nll"] = row.nll
-            if row.cal_PPL is not None:
-                data["ppl"] = row.cal_PPL
+            metrics: dict[str, float] = {}
+            sems: dict[str, float] = {}
+            for name, value, sem in (("nll", row.nll, row.nll_delta_sem), ("ppl", row.cal_PPL, None), ("kl", row.kl, row.kl_sem)):
+                if value is not None:
+                    metrics[name] = value
+                    if sem is not None:
+                        sems[name] = sem
+            data = ax_data(metrics, sems, float(row.model_size or 0.0), driver.cfg.strategy)
             if row.cal_throughput is not None:
                 data["throughput"] = (row.cal_throughput, row.cal_throughput_sem)
             driver.complete(idx, data)
@@ -118,5 +136,5 @@ def attach_history(driver: AxDriver, rows: Sequence[HistoryRow]) -> int:
             driver.fail(idx, row.reason or "failed")
         else:
             driver.abandon(idx)
-    next_index = max((r.trial_index for r in rows), default=-1) + 1
-    return next_index - len(rows)
+    next_index = max((r.trial_index for r in trials), default=-1) + 1
+    return next_index - len(trials)

@@ -10,6 +10,9 @@ from bo_search import cli
 if TYPE_CHECKING:
     pass
 
+#: the objective a size-limited search minimises by default (BENCHMARKS.md: the objective study)
+DEFAULT_OBJECTIVE = "kl"
+
 
 def add_search_args(p: argparse.ArgumentParser, default_history: str, default_seeds: str = "uniform") -> None:
     cli.add_model_args(p)
@@ -60,6 +63,36 @@ def add_search_args(p: argparse.ArgumentParser, default_history: str, default_se
     )
     _add_worker_args(p)
     _add_strategy_args(p)
+
+
+def add_selection_args(p: argparse.ArgumentParser) -> None:
+    """What a size-limited search minimises, and how its final plan is chosen."""
+    from bo_search.search.finalists import DEFAULT_FINALISTS
+
+    g = p.add_argument_group("objective and final choice")
+    g.add_argument(
+        "--objective",
+        default=DEFAULT_OBJECTIVE,
+        metavar="kl|nll",
+        help="what each trial minimises on the search split: kl (KL divergence from the full-precision model's next-token "
+        "distribution, top-256 tokens plus the rest: the quantization damage alone) or nll (mean next-token NLL, i.e. log "
+        f"perplexity). Perplexity is recorded either way (default {DEFAULT_OBJECTIVE}; BENCHMARKS.md compares them)",
+    )
+    g.add_argument(
+        "--finalists",
+        type=int,
+        default=DEFAULT_FINALISTS,
+        metavar="K",
+        help=f"when the search ends, re-score the K best plans, the best seed and the best uniform plans on --val_tokens of the "
+        "validation split and pick the best there; recorded in the history (status rescored), reused on resume. 0: pick on the "
+        f"search split (default {DEFAULT_FINALISTS})",
+    )
+    g.add_argument(
+        "--val_tokens",
+        type=int,
+        default=8192,
+        help="validation-split tokens each finalist is re-scored on (default 8192: 16 windows of 512 spread over the split's articles)",
+    )
 
 
 def _add_worker_args(p: argparse.ArgumentParser) -> None:

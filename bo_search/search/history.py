@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,27 +21,45 @@ from typing import Any
 from bo_search.cli import check_output_path
 from bo_search.types import QuantPlan, UserError
 
-FORMAT_VERSION = "bo_search.history/2"
-#: formats this code reads; /1 lacks the goal and limit columns and is upgraded in place on resume
-READABLE_FORMATS = ("bo_search.history/1", FORMAT_VERSION)
-STATUSES = ("completed", "failed", "infeasible", "abandoned")
+FORMAT_VERSION = "bo_search.history/3"
+#: formats this code reads; /1 lacks the goal and limit columns, /2 the KL, noise and validation
+#: columns; both are upgraded in place on resume (rows kept as they were, new columns empty)
+READABLE_FORMATS = ("bo_search.history/1", "bo_search.history/2", FORMAT_VERSION)
+#: rows of these formats measured ``ppl_heldout`` on the test split before the validation split was
+#: carved out of it (half of the text then, 30% now): not comparable with today's held-out numbers
+OLD_TEST_SPLIT_FORMATS = ("bo_search.history/1", "bo_search.history/2")
+#: ``rescored``: a finalist re-measured on the validation split when a search ended (not a trial: its
+#: ``trial_index`` is the trial whose plan it is, or -1 for a plan no trial evaluated)
+STATUSES = ("completed", "failed", "infeasible", "abandoned", "rescored")
+TRIAL_STATUSES = STATUSES[:4]
 
 
 @dataclass
 class HistoryRow:
     trial_index: int
-    status: str  # completed | failed | infeasible (over the size limit: never evaluated) | abandoned
-    source: str  # seed | sobol | bo | baseline
-    reason: str = ""
+    status: str  # completed | failed | infeasible (over the size limit: never evaluated) | abandoned | rescored
+    source: str  # seed | thompson | sobol | bo | repaired | random; rescored rows: that trial's source, or uniform
+    reason: str = ""  # why a trial failed or was not evaluated; for a rescored row, its role (finalist, best seed, ...)
     cal_PPL: float | None = None  # perplexity on the search split
-    cal_PPL_sem: float | None = None
+    cal_PPL_sem: float | None = None  # its standard error across the search windows (mostly the text's own spread)
     nll: float | None = None
+    #: standard error across the search windows of the NLL increase over full precision: the noise of
+    #: this plan's score as an estimate of its damage on other text
+    nll_delta_sem: float | None = None
+    kl: float | None = None  # mean KL(full precision || plan) per token on the search split, nats
+    kl_sem: float | None = None
     model_size: float | None = None  # GB = 1e9 bytes
     avg_bits: float | None = None
     cal_throughput: float | None = None  # tokens/s (measured or predicted, see throughput_kind)
     cal_throughput_sem: float | None = None
     throughput_kind: str = ""
-    ppl_heldout: float | None = None
+    ppl_heldout: float | None = None  # perplexity on the test split (final numbers only)
+    ppl_heldout_sem: float | None = None
+    val_PPL: float | None = None  # rescored rows: perplexity on the validation split
+    val_nll_delta_sem: float | None = None
+    val_kl: float | None = None
+    val_kl_sem: float | None = None
+    val_tokens: int | None = None  # scored tokens of the validation measurement
     quantize_s: float | None = None
     evaluate_s: float | None = None
     proposal_s: float | None = None
@@ -63,6 +81,7 @@ class HistoryRow:
 
 COLUMNS = [f.name for f in fields(HistoryRow)]
 _FLOATS = {f.name for f in fields(HistoryRow) if "float" in str(f.type)}
+_OPTIONAL_INTS = {f.name for f in fields(HistoryRow) if str(f.type) == "int | None"}
 _REQUIRED = {"trial_index", "status", "quant_config"}
 
 
@@ -114,7 +133,7 @@ def upgrade_header(path: Path) -> bool:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    print(f"history {path}: upgraded to {FORMAT_VERSION} (goal and limit columns added; rows unchanged)", flush=True)
+    print(f"history {path}: upgraded to {FORMAT_VERSION} (new columns added, empty for the old rows; rows unchanged)", flush=True)
     return True
 
 
@@ -274,6 +293,8 @@ def _parse_row(raw: Mapping[str, str | None]) -> HistoryRow:
             continue
         if name == "trial_index":
             kwargs[name] = int(val)
+        elif name in _OPTIONAL_INTS:
+            kwargs[name] = int(val) if val != "" else None
         elif name in _FLOATS:
             kwargs[name] = float(val) if val != "" else None
             if kwargs[name] is not None and math.isnan(kwargs[name]):
@@ -289,6 +310,28 @@ def _parse_row(raw: Mapping[str, str | None]) -> HistoryRow:
     if row.status == "completed" and (row.model_size is None or (row.cal_PPL is None and row.cal_throughput is None)):
         raise ValueError("a completed row without its metrics")
     return row
+
+
+def update_rows(path: Path, match: Callable[[Mapping[str, str]], bool], values: Mapping[str, Any]) -> int:
+    """Set ``values`` in every row ``match`` accepts (e.g. a measured held-out perplexity): rewritten
+    to a temp file, fsynced, renamed. Returns the number of rows changed."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    n = 0
+    for r in rows:
+        if match(r):
+            r.update({k: ("" if v is None else repr(v) if isinstance(v, float) else str(v)) for k, v in values.items()})
+            n += 1
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in COLUMNS})
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return n
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from bo_search.sizes import SizeModel
     from bo_search.types import TrialResult
 from bo_search.search.seeding import resolve_prior, thompson_node
-from bo_search.search.summary import print_row, summarize, workers_ready
+from bo_search.search.summary import final_choice_pending, print_row, summarize, workers_ready
 
 REPO_ROOT = structure.REPO_ROOT  # kept for the entry points and scripts that name shipped files
 
@@ -222,7 +222,7 @@ def run_search(
     driver = None
     status = 0
     try:
-        if done < args.num_trials or callable(goal):
+        if done < args.num_trials or callable(goal) or final_choice_pending(setup, goal):
             pool = _start_pool(setup, gpus, cluster_gpus, worker_cls)
         if callable(goal):
             assert pool is not None
@@ -240,7 +240,9 @@ def run_search(
             search = _make_search(setup, goal, driver, pool, history, seeds, done, metrics_to_row, row_extra)
             search.index_offset = offset
             stats, status = _run(search, done)
-        summarize(setup, goal, stats, pool, time.perf_counter() - t_start)
+        elif pool is not None:  # only the final choice is left to measure
+            workers_ready(pool)
+        summarize(setup, goal, stats, pool, time.perf_counter() - t_start, history)
     except KeyboardInterrupt:
         _print_interrupted(setup, driver)
         return 130
@@ -294,15 +296,6 @@ def _make_search(
     args = setup.args
     if not pool.infos:
         workers_ready(pool)
-    row_defaults = {
-        "search": goal.search,
-        "model_id": setup.ref.fingerprint,
-        "space_id": setup.space.fingerprint,
-        "goal": goal_text(goal),
-        "limit_metric": "" if goal.multi else goal.constraint_metric,
-        "limit": None if goal.multi else goal.limit,
-        **(row_extra or {}),
-    }
     bar = cli.progress(range(args.num_trials), desc="trials", total=args.num_trials)
     bar.update(done)
     search = Search(
@@ -310,7 +303,7 @@ def _make_search(
         pool,
         history,
         setup.size_model.gb,
-        row_defaults,
+        row_defaults(setup, goal, row_extra),
         args.num_trials,
         already_evaluated=done,
         seeds=seeds,
@@ -329,6 +322,19 @@ def _make_search(
         search.fallback = lambda: random_feasible(sizes, limit, rng)
         search.repair = lambda values: repair_to_budget(sizes, limit, values)
     return search
+
+
+def row_defaults(setup: Setup, goal: Goal, row_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The columns every row of this search shares."""
+    return {
+        "search": goal.search,
+        "model_id": setup.ref.fingerprint,
+        "space_id": setup.space.fingerprint,
+        "goal": goal_text(goal),
+        "limit_metric": "" if goal.multi else goal.constraint_metric,
+        "limit": None if goal.multi else goal.limit,
+        **(row_extra or {}),
+    }
 
 
 def _run(search: Search, done: int) -> tuple[SearchStats, int]:

@@ -69,7 +69,7 @@ def thompson_node(setup: Setup, goal: Goal, prior: Sensitivity | None, encoding:
     from bo_search.sensitivity.allocate import total_bits_limit
 
     args = setup.args
-    cfg = ThompsonConfig(rel_sd=args.ts_prior_sd, temper=args.ts_temper, seed=args.seed)
+    cfg = ThompsonConfig(rel_sd=args.ts_prior_sd, temper=args.ts_temper, seed=args.seed, shared_sd=getattr(args, "ts_shared_sd", 1.0))
     sizes = SlotSizes(setup.space, setup.size_model)
     problem = build_problem(setup.space, sizes, prior.slot_costs(setup.space) if prior is not None else None)
     if goal.multi:
@@ -78,7 +78,8 @@ def thompson_node(setup: Setup, goal: Goal, prior: Sensitivity | None, encoding:
         acq = Acquisition("budget", float(total_bits_limit(goal.limit) - sizes.base_bits))
     else:
         acq = Acquisition("loss", math.log(goal.limit))
-    return make_thompson_node(setup.space, encoding, problem, acq, "nll", cfg)
+    objective = "nll" if acq.kind == "loss" else goal.objective.split(",")[0].strip()  # a perplexity limit is on NLL
+    return make_thompson_node(setup.space, encoding, problem, acq, objective, cfg)
 
 
 def seeds_for(setup: Setup, spec: str, limit_gb: float) -> list[dict[str, int]]:

@@ -5,18 +5,28 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bo_search import cli
-from bo_search.search.history import COLUMNS, pareto_front, read_history
+from bo_search.search.driver import search_score
+from bo_search.search.finalists import FinalChoice, choose_final, describe, pending
+from bo_search.search.history import (
+    FORMAT_VERSION,
+    OLD_TEST_SPLIT_FORMATS,
+    HistoryRow,
+    HistoryWriter,
+    pareto_front,
+    read_history,
+    update_rows,
+)
 
 if TYPE_CHECKING:
     from bo_search.search.driver import SearchStats
     from bo_search.search.experiment import Goal
     from bo_search.search.runner import Setup
     from bo_search.search.workers import WorkerPool
+    from bo_search.types import QuantPlan
 
 
 def workers_ready(pool: WorkerPool) -> None:
@@ -54,8 +64,11 @@ def print_placement(rows: Any, pool: WorkerPool | None) -> None:
         print(f"{lost} trial(s) failed with their node lost; {getattr(pool, 'restarts', 0)} replacement worker(s) requested this run")
 
 
-def summarize(setup: Setup, goal: Goal, stats: SearchStats | None, pool: WorkerPool | None, wall_s: float) -> None:
-    """Best feasible plan (with held-out perplexity), run statistics, best-plan JSON."""
+def summarize(
+    setup: Setup, goal: Goal, stats: SearchStats | None, pool: WorkerPool | None, wall_s: float, writer: HistoryWriter | None = None
+) -> None:
+    """Best feasible plan (chosen among re-scored finalists on the validation split, with held-out
+    perplexity), run statistics, best-plan JSON."""
 
     rows = read_history(setup.history_path, strict=True).rows
     comp = [r for r in rows if r.status == "completed"]
@@ -85,27 +98,105 @@ def summarize(setup: Setup, goal: Goal, stats: SearchStats | None, pool: WorkerP
         if goal.constraint_metric != "model_size_gb" and comp:
             print(f"the lowest perplexity seen was {min(r.cal_PPL for r in comp if r.cal_PPL is not None):.4g}")
         return
-    best = min(feas, key=lambda r: r.cal_PPL or math.inf) if goal.minimize else max(feas, key=lambda r: r.cal_throughput or -math.inf)
-    heldout = best.ppl_heldout
+    if goal.minimize:
+        best = min(feas, key=lambda r: search_score(r, goal.objective))
+    else:
+        best = max(feas, key=lambda r: r.cal_throughput or -math.inf)
+    choice = _final_choice(setup, goal, pool, writer)
+    if choice is not None:
+        _print_search_best(best, goal)
+        print("\n".join(describe(choice, goal.objective, setup.eval_cfg.val_tokens, setup.eval_cfg.heldout_tokens)))
+        print(
+            f"finalists: {len(choice.rescored)} ({choice.reused} re-scores reused from the history), validation {choice.val_s:.0f} s, "
+            f"held-out {choice.heldout_s:.0f} s"
+        )
+        _write_best(setup, choice.pick, choice.pick.ppl_heldout, picked_by="validation")
+        return
+    heldout = best.ppl_heldout if best.format not in OLD_TEST_SPLIT_FORMATS else None
     if heldout is None and pool is not None and _can_measure(pool, setup):
         heldout = pool.heldout([best.plan])[0]
         if heldout is not None:
             _fill_heldout(setup.history_path, best.trial_index, heldout)
+    _write_best(setup, best, heldout, picked_by="search split")
+
+
+def finalists_wanted(setup: Setup, goal: Goal) -> int:
+    """--finalists for a size-limited search (0: the final plan is the search split's best)."""
+    k = int(getattr(setup.args, "finalists", 0) or 0)
+    return k if goal.constraint_metric == "model_size_gb" and not goal.multi else 0
+
+
+def uniform_candidates(setup: Setup, goal: Goal) -> list[QuantPlan]:
+    from bo_search.sensitivity.seeds import best_uniform_candidates
+
+    return [setup.space.decode(v) for v in best_uniform_candidates(setup.space, setup.size_model, goal.limit)]
+
+
+def final_choice_pending(setup: Setup, goal: Goal) -> bool:
+    """Whether the final choice needs a worker although every trial is done (see finalists.pending)."""
+    k = finalists_wanted(setup, goal)
+    if not k or not setup.history_rows:
+        return False
+    cfg = setup.eval_cfg
+    return pending(setup.history_rows, goal, k, uniform_candidates(setup, goal), cfg.val_tokens, cfg.heldout_tokens)
+
+
+def _final_choice(setup: Setup, goal: Goal, pool: WorkerPool | None, writer: HistoryWriter | None) -> FinalChoice | None:
+    """The finalists re-scored on the validation split (size-limited searches with --finalists > 0)."""
+    k = finalists_wanted(setup, goal)
+    if not k or writer is None:
+        return None
+    from bo_search.search.runner import row_defaults
+
+    uniform = uniform_candidates(setup, goal)
+    return choose_final(
+        setup.history_path,
+        writer,
+        goal,
+        pool,
+        k,
+        setup.eval_cfg.val_tokens,
+        setup.eval_cfg.heldout_tokens,
+        uniform,
+        setup.size_model,
+        row_defaults(setup, goal),
+        cli.progress,
+    )
+
+
+def _print_search_best(best: HistoryRow, goal: Goal) -> None:
+    score = f", KL {best.kl:.4f}" if best.kl is not None else ""
+    print(
+        f"best by search-split {goal.objective}: trial {best.trial_index} ({best.source}), perplexity {best.cal_PPL:.4f}{score} (search split)"
+    )
+
+
+def _write_best(setup: Setup, best: HistoryRow, heldout: float | None, picked_by: str) -> None:
     out = Path(setup.args.best_plan_output or str(setup.history_path) + ".best_plan.json")
     cli.write_json(
         out,
         {
             **best.plan.to_json(),
             "trial_index": best.trial_index,
+            "source": best.source,
+            "picked_by": picked_by,
             "cal_PPL": best.cal_PPL,
+            "kl": best.kl,
+            "val_PPL": best.val_PPL,
+            "val_kl": best.val_kl,
+            "val_tokens": best.val_tokens,
             "ppl_heldout": heldout,
+            "ppl_heldout_sem": best.ppl_heldout_sem if heldout is not None else None,
             "model_size_gb": best.model_size,
             "avg_bits": best.avg_bits,
             "cal_throughput": best.cal_throughput,
         },
     )
+    where = f"trial {best.trial_index}" if best.trial_index >= 0 else "plan: a uniform plan, not a trial"
     print(
-        f"best feasible trial {best.trial_index} ({best.source}): size {best.model_size:.6g} GB, {best.avg_bits:.3f} avg bits, perplexity {best.cal_PPL:.4f} (search split)"
+        f"best feasible {where} ({best.source}; chosen on the {picked_by}): size {best.model_size:.6g} GB, {best.avg_bits:.3f} avg bits, "
+        f"perplexity {best.cal_PPL:.4f} (search split)"
+        + (f", {best.val_PPL:.4f} (validation)" if best.val_PPL is not None else "")
         + (f", {heldout:.4f} (held-out)" if heldout is not None else "")
     )
     if best.cal_throughput is not None:
@@ -124,7 +215,7 @@ def pareto_summary(setup: Setup, comp: list[Any], pool: WorkerPool | None) -> No
         print("no completed trial: no Pareto front")
         return
     front = [pts[i] for i in pareto_front([(r.model_size, r.cal_PPL) for r in pts])]
-    missing = [r for r in front if r.ppl_heldout is None]
+    missing = [r for r in front if r.ppl_heldout is None or r.format in OLD_TEST_SPLIT_FORMATS]
     if missing and pool is not None and _can_measure(pool, setup):
         for r, value in zip(missing, pool.heldout([r.plan for r in missing])):
             if value is not None:
@@ -159,20 +250,10 @@ def _can_measure(pool: WorkerPool, setup: Setup) -> bool:
 
 
 def _fill_heldout(path: Path, trial_index: int, value: float) -> None:
-    """Record a held-out perplexity in the history: rewritten to a temp file, fsynced, renamed."""
-    import csv
-
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    for r in rows:
-        if r.get("trial_index") == str(trial_index) and r.get("status") == "completed":
-            r["ppl_heldout"] = repr(value)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in COLUMNS})
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Record a held-out perplexity in a trial's row (measured on today's test split, so the row's
+    format is brought up to date with it)."""
+    update_rows(
+        path,
+        lambda r: r.get("trial_index") == str(trial_index) and r.get("status") == "completed",
+        {"ppl_heldout": value, "format": FORMAT_VERSION},
+    )

@@ -63,6 +63,8 @@ class ThompsonConfig:
     temper: float = 0.25  # posterior covariance multiplier of a draw (1 = plain Thompson sampling)
     cap: float = 1.0  # measured NLL capped at best + cap nats before fitting
     seed: int = 0
+    #: prior sd of the shared per-choice term ``u`` as a multiple of its former scale (0 drops it)
+    shared_sd: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.rel_sd > 0:
@@ -71,6 +73,8 @@ class ThompsonConfig:
             raise UserError(f"--ts_temper must be in (0, 1], got {self.temper}")
         if not self.cap > 0:
             raise UserError(f"the NLL cap must be positive, got {self.cap}")
+        if not self.shared_sd >= 0:
+            raise UserError(f"the shared-term prior scale must be zero or positive, got {self.shared_sd}")
 
 
 NOISE_GRID = (0.003, 0.006, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3)
@@ -109,6 +113,7 @@ class Posterior:
     _phi: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
     _y: np.ndarray = field(default_factory=lambda: np.zeros(0))
     _kinv_chol: Any = None
+    _sem2: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     # layout of theta: [b0, a, u (one per key), w (one per slot choice)]
     def _layout(self) -> tuple[int, int, int]:
@@ -142,7 +147,7 @@ class Posterior:
                 for c, key in enumerate(ch):
                     key_tot[key] = key_tot.get(key, 0.0) + abs(p.prior[s][c])
             for i, key in enumerate(p.keys):
-                sd[u0 + i] = self.cfg.rel_sd * scale * key_tot[key] + FLOOR
+                sd[u0 + i] = self.cfg.shared_sd * (self.cfg.rel_sd * scale * key_tot[key] + FLOOR)
             for s, ch in enumerate(p.choices):
                 for c in range(len(ch)):
                     sd[w0 + p.offset(s) + c] = self.cfg.rel_sd * scale * abs(p.prior[s][c]) + FLOOR * p.weight[s]
@@ -152,12 +157,18 @@ class Posterior:
                 sd[w0 + p.offset(s) : w0 + p.offset(s) + len(ch)] = FLAT_SLOT_SD * p.weight[s]
         return mean, sd
 
-    def fit(self, picks: Sequence[Sequence[int]], y: Sequence[float]) -> Posterior:
-        """Condition on measured objectives ``y`` of ``picks``; scale and noise by marginal likelihood."""
+    def fit(self, picks: Sequence[Sequence[int]], y: Sequence[float], sems: Sequence[float | None] | None = None) -> Posterior:
+        """Condition on measured objectives ``y`` of ``picks``; scale and noise by marginal likelihood.
+
+        ``sems``: each measurement's own standard error (the spread of its damage across the
+        evaluation windows), or None where unknown. A measurement's noise variance is the model's
+        misfit ``noise**2`` (chosen on a grid) plus its ``sem**2``; an unknown sem counts as the
+        median of the known ones, so old histories without them still fit."""
         yv = np.asarray(y, dtype=float)
         self.n = len(yv)
         if self.n:
             yv = np.minimum(yv, yv.min() + self.cfg.cap)
+        self._sem2 = _sem_squares(sems, self.n)
         y_ref = float(np.median(yv)) if self.n else 0.0
         self.y_offset = y_ref
         phi = self.features(picks) if self.n else np.zeros((0, self._layout()[2]))
@@ -168,7 +179,7 @@ class Posterior:
             if not self.n:
                 best = (0.0, k, NOISE_GRID[len(NOISE_GRID) // 2])
                 break
-            kxx = (phi * sd**2) @ phi.T
+            kxx = (phi * sd**2) @ phi.T + np.diag(self._sem2)
             r = yv - phi @ m
             for sig in NOISE_GRID:
                 ev = _log_evidence(kxx, r, sig)
@@ -181,7 +192,7 @@ class Posterior:
         if self.n:
             import scipy.linalg
 
-            kyy = (phi * self._prior_sd**2) @ phi.T + self.noise**2 * np.eye(self.n)
+            kyy = (phi * self._prior_sd**2) @ phi.T + np.diag(self.noise**2 + self._sem2)
             self._kinv_chol = scipy.linalg.cho_factor(kyy, lower=True)
             alpha = scipy.linalg.cho_solve(self._kinv_chol, yv - phi @ self._prior_mean)
             self.theta_mean = self._prior_mean + self._prior_sd**2 * (phi.T @ alpha)
@@ -195,7 +206,7 @@ class Posterior:
 
         t0 = self._prior_mean + self._prior_sd * rng.standard_normal(len(self._prior_sd))
         if self.n:
-            eps = self.noise * rng.standard_normal(self.n)
+            eps = np.sqrt(self.noise**2 + self._sem2) * rng.standard_normal(self.n)
             corr = scipy.linalg.cho_solve(self._kinv_chol, self._y - self._phi @ t0 - eps)
             t0 = t0 + self._prior_sd**2 * (self._phi.T @ corr)
         return self.theta_mean + math.sqrt(self.cfg.temper) * (t0 - self.theta_mean)
@@ -230,6 +241,15 @@ class Posterior:
         else:
             cov = prior_cov
         return mean, np.sqrt(np.maximum(np.diag(cov), 0.0))
+
+
+def _sem_squares(sems: Sequence[float | None] | None, n: int) -> np.ndarray:
+    """Per-measurement noise variance from its standard error; unknown ones take the median known one."""
+    if sems is None:
+        return np.zeros(n)
+    known = [float(v) for v in sems if v is not None and math.isfinite(v) and v >= 0]
+    fill = float(np.median(known)) if known else 0.0
+    return np.array([float(v) if v is not None and math.isfinite(v) and v >= 0 else fill for v in sems]) ** 2
 
 
 def _log_evidence(kxx: np.ndarray, r: np.ndarray, sig: float) -> float:
@@ -312,12 +332,15 @@ def make_thompson_node(
         def update_generator_state(self, experiment: Any, data: Any) -> None:
             df = data.full_df if hasattr(data, "full_df") else data.df
             values: dict[int, float] = {}
+            sems: dict[int, float | None] = {}
             for row in df.itertuples():
                 if row.metric_name == objective_metric:
                     values[int(row.trial_index)] = float(row.mean)
+                    sem = getattr(row, "sem", None)
+                    sems[int(row.trial_index)] = float(sem) if sem is not None and math.isfinite(float(sem)) else None
                 elif row.metric_name == "ppl" and objective_metric == "nll" and int(row.trial_index) not in values:
                     values[int(row.trial_index)] = math.log(float(row.mean))
-            picks, ys, seen = [], [], []
+            picks, ys, noise, seen = [], [], [], []
             for idx, trial in experiment.trials.items():
                 arm = trial.arms[0] if trial.arms else None
                 if arm is None:
@@ -327,8 +350,9 @@ def make_thompson_node(
                 if trial.status == TrialStatus.COMPLETED and idx in values and math.isfinite(values[idx]):
                     picks.append(pick)
                     ys.append(values[idx])
+                    noise.append(sems.get(idx))
             self.seen = seen
-            self.posterior = Posterior(problem, cfg).fit(picks, ys)
+            self.posterior = Posterior(problem, cfg).fit(picks, ys, noise)
             self._rng = np.random.default_rng([cfg.seed, len(experiment.trials)])
 
         def get_next_candidate(self, pending_parameters: list[Any]) -> Any:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +82,8 @@ class TrialWorker:
 
         t0 = time.perf_counter()
         self.ctx = ModelContext(self.cfg, heldout=True)
+        if not self.cfg.throughput_model:
+            self.ctx.search_reference()  # what every trial's KL and NLL increase are measured against
         self.load_s = time.perf_counter() - t0
         return self.info()
 
@@ -106,6 +108,19 @@ class TrialWorker:
     def measure(self, plan_json: str) -> dict[str, Any]:
         """Size and search-split perplexity of a plan (baselines)."""
         return self.ctx.measure(QuantPlan.loads(plan_json), heldout=False)
+
+    def rescore(self, plan_json: str, split: str, threads: int | None = None, with_search: bool = False) -> dict[str, Any]:
+        """A finalist on the validation or test split (see ModelContext.rescore); ``threads``: torch
+        threads for this call (the search is over, so the driver's core is free)."""
+        import torch
+
+        before = torch.get_num_threads()
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            return self.ctx.rescore(QuantPlan.loads(plan_json), split, with_search)
+        finally:
+            torch.set_num_threads(before)
 
     def heldout(self, plan_json: str) -> float | None:
         """Held-out perplexity of a plan (for final reports); None with --heldout_tokens 0."""
@@ -255,6 +270,7 @@ class WorkerPool:
         n = len(self.gpus) if self.gpus else num_workers
         if n < 1 and cluster_gpus is None:
             raise UserError(f"--num_workers must be at least 1, got {num_workers}")
+        self._joined = bool(ray_address)
         self._start_ray(n, ray_address, cluster_gpus, object_store_mb)
         import ray
 
@@ -502,6 +518,43 @@ class WorkerPool:
         ready = self._ready_slots()
         refs = [ready[i % len(ready)].actor.heldout.remote(p.dumps()) for i, p in enumerate(plans)]
         return [None if x is None else float(x) for x in ray.get(refs)]
+
+    def rescore(self, plans: Sequence[QuantPlan], split: str, with_search: Sequence[bool] = ()) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Re-score plans on ``split`` over the ready workers, one at a time each; yields (index into
+        ``plans``, result) as they finish; a result with ``error`` when its worker raised or died.
+        Once the search is over the driver needs no core, so a local CPU worker may use the cores
+        left to it. ``with_search[i]``: also score plan i on the search split."""
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        ready = self._ready_slots()
+        threads = None
+        if not self.on_gpu and not self._joined:
+            threads = max(1, (os.cpu_count() or 1) // len(ready))
+        todo = list(enumerate(plans))
+        running: dict[Any, tuple[int, _Slot]] = {}
+        free = list(ready)
+        while todo or running:
+            while todo and free:
+                i, plan = todo.pop(0)
+                slot = free.pop(0)
+                also = bool(with_search[i]) if i < len(with_search) else False
+                running[slot.actor.rescore.remote(plan.dumps(), split, threads, also)] = (i, slot)
+            if not running:  # every worker died
+                for i, _plan in todo:
+                    yield i, {"error": "no worker left"}
+                return
+            done, _ = ray.wait(list(running), num_returns=1)
+            for ref in done:
+                i, slot = running.pop(ref)
+                try:
+                    result = ray.get(ref)
+                    free.append(slot)
+                except (RayActorError, RayTaskError) as err:
+                    result = {"error": f"worker {slot.worker_id}: {_first_line(err)}"}
+                    if isinstance(err, RayTaskError):
+                        free.append(slot)
+                yield i, result
 
     def measure(self, plans: Sequence[QuantPlan]) -> list[dict[str, Any]]:
         import ray

@@ -35,20 +35,38 @@ def _interleaved(n: int) -> list[int]:
     return out
 
 
-def uniform_seeds(space: SearchSpace, size_model: SizeModel, limit_gb: float) -> list[dict[str, int]]:
-    """For each group size: the widest uniform plan that fits, and that plan with slots upgraded to
-    the next bit width (first and last blocks first) until the budget is used."""
+def widest_uniform(space: SearchSpace, size_model: SizeModel, limit_gb: float) -> list[tuple[int, int | None, dict[str, int]]]:
+    """For each group size of the space: (bits, group size, values) of the widest uniform plan that fits."""
     bits_choices = sorted({v for p in space.tunable if p.kind == "bits" for v in p.values})
     group_choices: list[int | None] = [*sorted({v for p in space.tunable if p.kind == "group_size" for v in p.values})] or [None]
-    seeds: list[dict[str, int]] = []
+    out: list[tuple[int, int | None, dict[str, int]]] = []
     for g in group_choices:
-        best: dict[str, int] | None = None
+        best: tuple[int, int | None, dict[str, int]] | None = None
         for b in bits_choices:
             vals = space.uniform(b, g, check_fixed=False)
             if vals is not None and size_model.gb(space.decode(vals)) <= limit_gb:
-                best = vals
-        if best is None:
-            continue
+                best = (b, g, vals)
+        if best is not None:
+            out.append(best)
+    return out
+
+
+def best_uniform_candidates(space: SearchSpace, size_model: SizeModel, limit_gb: float) -> list[dict[str, int]]:
+    """The uniform plans that fit and that no other fitting uniform plan beats on both counts (at
+    least as many bits and a group at most as large): the candidates for "the best uniform plan"."""
+
+    def group_key(g: int | None) -> float:
+        return math.inf if g is None or g <= 0 else float(g)
+
+    wide = widest_uniform(space, size_model, limit_gb)
+    return [vals for b, g, vals in wide if not any((b2, g2) != (b, g) and b2 >= b and group_key(g2) <= group_key(g) for b2, g2, _ in wide)]
+
+
+def uniform_seeds(space: SearchSpace, size_model: SizeModel, limit_gb: float) -> list[dict[str, int]]:
+    """For each group size: the widest uniform plan that fits, and that plan with slots upgraded to
+    the next bit width (first and last blocks first) until the budget is used."""
+    seeds: list[dict[str, int]] = []
+    for _b, _g, best in widest_uniform(space, size_model, limit_gb):
         seeds.append(best)
         filled = dict(best)
         bit_params = [p for p in space.tunable if p.kind == "bits"]
