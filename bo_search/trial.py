@@ -225,8 +225,11 @@ class ModelContext:
         return cls(EvalConfig.from_args(args), heldout=heldout)
 
     def eval_description(self) -> dict[str, Any]:
+        from bo_search.data import TEXT_VERSION
+
         return {
             "text": self.corpus.name,
+            "text_version": TEXT_VERSION,  # the splits' definition (v3: validation carved out of test)
             "search_tokens": self.search_windows.n_tokens,
             "heldout_tokens": self.heldout_windows.n_tokens if self.heldout_windows else 0,
             "seq_len": self.search_windows.seq_len,

@@ -93,20 +93,29 @@ def main() -> None:
     for shared in (float(x) for x in a.shared_sd.split(",")):
         for noise in a.noise.split(","):
             cal: list[tuple[float, float, float]] = []
+            per_history: list[float] = []
             for h in a.histories:
                 rows = sorted((r for r in read_history(h).rows if r.status == "completed"), key=lambda r: r.timestamp)
                 if a.objective == "kl":
                     rows = [r for r in rows if r.kl is not None]
                 n_seeds = sum(r.source == "seed" for r in rows)
-                cal += replay(problem, space, rows, n_seeds, ThompsonConfig(shared_sd=shared), noise, a.objective)
+                one = replay(problem, space, rows, n_seeds, ThompsonConfig(shared_sd=shared), noise, a.objective)
+                per_history.append(spearman([m for m, _, _ in one], [y for _, _, y in one]))
+                cal += one
             pred, sd, meas = (list(x) for x in zip(*cal))
             err = np.abs(np.array(pred) - np.array(meas))
             within = int(np.sum(err <= 2 * np.array(sd)))
             key = f"shared_sd={shared:g} noise={noise}"
-            results[key] = {"n": len(cal), "spearman": spearman(pred, meas), "mae": float(err.mean()), "within_2sd": within}
+            results[key] = {
+                "n": len(cal),
+                "spearman": spearman(pred, meas),
+                "spearman_per_history": statistics.fmean(per_history),
+                "mae": float(err.mean()),
+                "within_2sd": within,
+            }
             print(
-                f"{key}: {len(cal)} unseen trials, Spearman {results[key]['spearman']:.3f}, MAE {results[key]['mae']:.4f} nats, "
-                f"{within} within 2 sd",
+                f"{key}: {len(cal)} unseen trials, Spearman {results[key]['spearman']:.3f} pooled, "
+                f"{results[key]['spearman_per_history']:.3f} mean per history, MAE {results[key]['mae']:.4f} nats, {within} within 2 sd",
                 flush=True,
             )
     if a.json:

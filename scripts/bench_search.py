@@ -60,7 +60,9 @@ def parse() -> argparse.Namespace:
         help="budget in average bits per quantized weight (between uniform 3-bit g64 = 3.5 and 4-bit g64 = 4.5)",
     )
     p.add_argument("--eval_tokens", type=int, default=2048)
-    p.add_argument("--heldout_tokens", type=int, default=4096)
+    p.add_argument("--heldout_tokens", type=int, default=16384, help="test-split tokens of every held-out number (default 16384)")
+    p.add_argument("--curves", action="store_true", help="also the best-so-far held-out curve (one held-out evaluation per mark)")
+    p.add_argument("--search_args", default="", help="extra flags for every search run, e.g. '--objective nll' or '--finalists 0'")
     p.add_argument("--arms", default="uniform,random,greedy,exact,gp_seeded,ts_seeded,ts")
     p.add_argument("--space", default=str(EMBEDDED_SPACE), help="parameter space JSON (default: the per-block space)")
     p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS.json", help="merge runs' results.json into one table (--out)")
@@ -84,21 +86,28 @@ class Bench:
         n = sum(li.numel for li in self.ctx.layers.linears)
         self.limit = (self.ctx.size_model.other_bits + n * args.avg_bits) / 8 / 1e9
         self.sizes = SlotSizes(self.space, self.ctx.size_model)
-        self._heldout: dict[QuantPlan, float] = {}
+        self._heldout: dict[QuantPlan, tuple[float, float]] = {}
 
     def search_ppl(self, plan: QuantPlan) -> float:
         self.ctx.applier.apply(plan)
         return perplexity(self.ctx.model, self.ctx.search_windows).ppl
 
     def heldout(self, plan: QuantPlan) -> float:
+        return self.heldout_sem(plan)[0]
+
+    def heldout_sem(self, plan: QuantPlan) -> tuple[float, float]:
+        """Held-out perplexity and its standard error across the test windows (delta method)."""
         if plan not in self._heldout:
             self.ctx.applier.apply(plan)
-            self._heldout[plan] = perplexity(self.ctx.model, self.ctx.heldout_windows).ppl
+            p = perplexity(self.ctx.model, self.ctx.heldout_windows)
+            self._heldout[plan] = (p.ppl, p.ppl_sem)
         return self._heldout[plan]
 
     def curve(self, plans_ppl: list[tuple[QuantPlan, float]]) -> list[float]:
         """Best-so-far held-out perplexity (of the best-by-search plan) after each trial; measured at
         the report's marks only (held-out evaluations are dear), carried forward in between."""
+        if not self.args.curves:
+            return []
         marks = set(curve_marks(self.args.trials)) | {len(plans_ppl)}
         best: tuple[QuantPlan, float] | None = None
         out: list[float] = []
@@ -182,7 +191,7 @@ def seed_history(b: Bench) -> tuple[Path, int]:
 def run_cli(b: Bench, hist: Path, extra: list[str], workers: int = 1) -> tuple[str, float]:
     cmd = [sys.executable, "-m", "bo_search.acc_modelsize", "--avg_bits", str(b.args.avg_bits), "--parameters_list", str(b.space_path),
            "--history_output", str(hist), "--eval_tokens", str(b.args.eval_tokens), "--heldout_tokens", "0",
-           "--num_workers", str(workers), *extra]  # fmt: skip
+           "--num_workers", str(workers), *b.args.search_args.split(), *extra]  # fmt: skip
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -214,21 +223,82 @@ def run_search(b: Bench, arm: str, seed: int, trials: int, workers: int = 1) -> 
     }
 
 
+def run_result(b: Bench, run: dict[str, Any], exact_held: float | None) -> dict[str, Any]:
+    """A search run's outcome as a user gets it: its final pick (best_plan.json: the validation
+    winner among the finalists, or the search split's best with --finalists 0), held-out on the
+    bench's test tokens, against the best seed (chosen the same way: by validation among the
+    re-scored seeds), the search split's own winner (the old rule) and the exact FIT allocation."""
+    from bo_search.search.driver import search_score
+    from bo_search.search.finalists import val_score
+
+    comp = run["completed"]
+    rows = run["rows"]
+    pick_json = json.loads(Path(run["history"] + ".best_plan.json").read_text())
+    pick = QuantPlan.from_json(pick_json)
+    objective = "kl" if any(x.goal.startswith("min kl") for x in comp) else "nll"
+    resc = [x for x in rows if x.status == "rescored"]
+    own = [x for x in comp if x.source in OWN_SOURCES]
+    seeds_ = [x for x in comp if x.source == "seed"]
+    resc_seeds = [x for x in resc if x.source == "seed"]
+    if resc_seeds:
+        best_seed_plan = min(resc_seeds, key=lambda x: val_score(x, objective)).plan
+    else:
+        best_seed_plan = min(seeds_, key=lambda x: search_score(x, objective)).plan if seeds_ else None
+    search_best = min(comp, key=lambda x: search_score(x, objective))
+    best_own = min(own, key=lambda x: search_score(x, objective)) if own else None
+    best_seed_search = min(seeds_, key=lambda x: search_score(x, objective)) if seeds_ else None
+    held, held_sem = b.heldout_sem(pick)
+    seed_held = b.heldout(best_seed_plan) if best_seed_plan is not None else None
+    props = [x.proposal_s for x in rows if x.source in OWN_SOURCES and x.proposal_s is not None]
+    val_s = re.search(r"validation (\d+) s, held-out", run["stdout"])
+    return {
+        "heldout": held,
+        "heldout_sem": held_sem,
+        "best_source": pick_json.get("source"),
+        "picked_by": pick_json.get("picked_by"),
+        "pick_trial": pick_json.get("trial_index"),
+        "objective": objective,
+        "search_best_heldout": b.heldout(search_best.plan),
+        "search_best_source": search_best.source,
+        "trials_1pct": trials_to_1pct([x.cal_PPL for x in comp]),
+        "wall_s": run["wall_s"],
+        "trials": len(comp),
+        "proposal_s_mean": statistics.mean(props) if props else None,
+        "proposal_s_max": max(props) if props else None,
+        "idle_pct": run["idle"],
+        "over_limit": sum(x.status == "infeasible" for x in rows),
+        "own_beat_seeds": sum(
+            best_seed_search is not None and search_score(x, objective) < search_score(best_seed_search, objective) for x in own
+        ),
+        "own": len(own),
+        "best_own_heldout": b.heldout(best_own.plan) if best_own else None,
+        "best_seed_heldout": seed_held,
+        "beats_seed": seed_held is not None and held < seed_held,
+        "beats_exact": exact_held is not None and held < exact_held,
+        "finalists": len(resc),
+        "rescore_s": float(val_s.group(1)) if val_s else None,
+        "trial_s_mean": statistics.mean((x.quantize_s or 0) + (x.evaluate_s or 0) for x in comp),
+    }
+
+
 def calibration(b: Bench, completed: list[Any], n_seeds: int, flat: bool = False) -> list[tuple[float, float, float]]:
-    """(predicted mean, predicted sd, measured) NLL of each trial after the seeds, from the
-    Thompson model fitted on the trials before it (so on trials it had not yet seen); with ``flat``,
-    the model of a flat-prior search (no sensitivity table), as the ``ts_flat`` arm runs it."""
+    """(predicted mean, predicted sd, measured) objective of each trial after the seeds, from the
+    Thompson model fitted on the trials before it (so on trials it had not yet seen), with the
+    search's own objective, measurement noise and default model settings; with ``flat``, the model
+    of a flat-prior search (no sensitivity table), as the ``ts_flat`` arm runs it."""
     from bo_search.search.mckp import build_problem
     from bo_search.search.thompson import Posterior, ThompsonConfig
     from bo_search.sensitivity.cache import cached_sensitivity
 
     sens, _, _ = cached_sensitivity(b.ctx.cfg, b.ctx.ref, b.ctx.layers, b.space, "fit")
     problem = build_problem(b.space, b.sizes, None if flat else sens.slot_costs(b.space))
+    kl = all(x.kl is not None for x in completed) and any(x.goal.startswith("min kl") for x in completed)
     picks = [problem.pick_of(b.space.encode(x.plan)) for x in completed]
-    ys = [x.nll for x in completed]
+    ys = [x.kl if kl else x.nll for x in completed]
+    sems = [x.kl_sem if kl else x.nll_delta_sem for x in completed]
     out = []
     for t in range(max(1, n_seeds), len(completed)):
-        post = Posterior(problem, ThompsonConfig()).fit(picks[:t], ys[:t])
+        post = Posterior(problem, ThompsonConfig()).fit(picks[:t], ys[:t], sems[:t])
         m, sd = post.predict([picks[t]])
         out.append((float(m[0]), float(sd[0]), float(ys[t])))
     return out
@@ -325,36 +395,18 @@ def main() -> None:
             run = run_search(b, arm, s, trials_for_arm(args, arm))
             comp = run["completed"]
             scored = [(x.plan, x.cal_PPL) for x in comp]
-            curves[arm].append(b.curve(scored))
-            best = min(comp, key=lambda x: x.cal_PPL)
-            own = [x for x in comp if x.source in OWN_SOURCES]
-            seeds_ = [x for x in comp if x.source == "seed"]
-            best_seed = min(seeds_, key=lambda x: x.cal_PPL) if seeds_ else None
-            best_own = min(own, key=lambda x: x.cal_PPL) if own else None
-            props = [x.proposal_s for x in run["rows"] if x.source in OWN_SOURCES and x.proposal_s is not None]
-            res = {
-                "heldout": b.heldout(best.plan),
-                "best_source": best.source,
-                "trials_1pct": trials_to_1pct([x.cal_PPL for x in comp]),
-                "wall_s": run["wall_s"],
-                "trials": len(comp),
-                "proposal_s_mean": statistics.mean(props) if props else None,
-                "proposal_s_max": max(props) if props else None,
-                "idle_pct": run["idle"],
-                "over_limit": sum(x.status == "infeasible" for x in run["rows"]),
-                "own_beat_seeds": sum(best_seed is not None and x.cal_PPL < best_seed.cal_PPL for x in own),
-                "own": len(own),
-                "best_own_heldout": b.heldout(best_own.plan) if best_own else None,
-                "best_seed_heldout": b.heldout(best_seed.plan) if best_seed else None,
-            }
+            if args.curves:
+                curves[arm].append(b.curve(scored))
+            res = run_result(b, run, results.get("exact", [{}])[0].get("heldout"))
             if SEARCH_ARMS[arm][0] == "thompson":
                 cal = calibration(b, comp, n_seeds if seeded else 1, flat=SEARCH_ARMS[arm][2] == "none")
                 res["calibration"] = cal
             results[arm].append(res)
             breakdown.append(run)
             print(
-                f"{arm} seed {s}: held-out {res['heldout']:.3f} (best from {res['best_source']}) in {run['wall_s']:.0f} s; "
-                f"best own {res['best_own_heldout']} vs best seed {res['best_seed_heldout']}",
+                f"{arm} seed {s}: pick held-out {res['heldout']:.3f} ± {res['heldout_sem']:.3f} ({res['best_source']}, by {res['picked_by']}) "
+                f"in {run['wall_s']:.0f} s; best seed {_fmt(res['best_seed_heldout'], '.3f')}, exact {_fmt(results.get('exact', [{}])[0].get('heldout'), '.3f')}, "
+                f"search-split winner {res['search_best_heldout']:.3f} ({res['search_best_source']})",
                 flush=True,
             )
     scaling = {}
@@ -476,6 +528,17 @@ def write_report(
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for arm, rs in results.items():
         lines.append(_arm_row(arm, rs, meta))
+    runs = [(arm, i, r) for arm, rs in results.items() for i, r in enumerate(rs) if "picked_by" in r]
+    if runs:
+        lines += ["", "| arm | run | pick (source, chosen by) | pick held-out ± sem | best seed held-out | exact FIT held-out | search-split winner held-out | beats seed | beats exact | finalists | re-scoring s | mean trial s | over limit | idle % |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for arm, i, r in runs:
+            lines.append(
+                f"| {arm} | {i} | {r['best_source']}, {r['picked_by']} | {r['heldout']:.3f} ± {r['heldout_sem']:.3f} | {_fmt(r['best_seed_heldout'], '.3f')} | "
+                f"{_fmt(results.get('exact', [{}])[0].get('heldout'), '.3f')} | {r['search_best_heldout']:.3f} ({r['search_best_source']}) | "
+                f"{'yes' if r['beats_seed'] else 'no'} | {'yes' if r['beats_exact'] else 'no'} | {r['finalists']} | {_fmt(r['rescore_s'], '.0f')} | "
+                f"{r['trial_s_mean']:.2f} | {r['over_limit']} | {_fmt(r['idle_pct'], '.1f')} |"
+            )
     walls = [
         f"{arm}: " + ", ".join(f"{r['wall_s']:.0f} s" + (f" ({r['wall_note']})" if r.get("wall_note") else "") for r in rs)
         for arm, rs in results.items()

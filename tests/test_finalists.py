@@ -21,7 +21,9 @@ def plan(b0, b1=None):
 
 
 def row(i, p, kl, source="thompson", size=0.5, **kw):
-    return HistoryRow(trial_index=i, status="completed", source=source, cal_PPL=10.0, nll=2.3, kl=kl, model_size=size, quant_config=p.dumps(), **kw)
+    return HistoryRow(
+        trial_index=i, status="completed", source=source, cal_PPL=10.0, nll=2.3, kl=kl, model_size=size, quant_config=p.dumps(), **kw
+    )
 
 
 def rescored(r, val_kl, val_ppl=10.0):

@@ -12,7 +12,7 @@ import pytest
 from bo_search.report.analysis import ReportOptions, hypervolume_2d, search_timing
 from bo_search.report.build import build_report
 from bo_search.report.cli import main
-from bo_search.search.history import HistoryRow, HistoryWriter, pareto_front, read_history
+from bo_search.search.history import FORMAT_VERSION, HistoryRow, HistoryWriter, pareto_front, read_history
 from bo_search.types import LayerQuant, QuantPlan
 
 T0 = 1.8e9
@@ -266,7 +266,7 @@ def test_partially_corrupt_history_renders_and_lists_skipped(synth, tiny_llama, 
     path, _ = synth
     broken = tmp_path / "broken.csv"
     lines = path.read_text().splitlines()
-    old = lines[2].replace("bo_search.history/2", "bo_search.history/0")
+    old = lines[2].replace(FORMAT_VERSION, "bo_search.history/0")
     broken.write_text("\n".join(lines[:2] + ["3,completed,bo,{not json", old] + lines[3:]) + "\n")
     code, out, err = run_main(capsys, broken, "--no_eval", "--checkpoint", tiny_llama, "--out", tmp_path / "r")
     assert code == 0, err
@@ -299,7 +299,7 @@ def test_bad_history_one_line_exit_2(tmp_path, capsys, content, message):
 def test_history_from_older_version_exit_2(synth, tmp_path, capsys):
     path, _ = synth
     old = tmp_path / "old.csv"
-    old.write_text(path.read_text().replace("bo_search.history/2", "bo_search.history/0"))
+    old.write_text(path.read_text().replace(FORMAT_VERSION, "bo_search.history/0"))
     code, _out, err = run_main(capsys, old, "--no_eval")
     assert code == 2 and "no readable trial" in err and "unsupported version" in err
     assert err.strip().count("\n") == 0
@@ -365,9 +365,14 @@ def test_report_on_real_search(tiny_llama, tmp_path):
     out = tmp_path / "h_report"
     md = (out / "report.md").read_text()
     rows = read_history(hist).rows
-    done = [x for x in rows if x.status == "completed"]
-    best = min(done, key=lambda x: x.cal_PPL)
-    assert f"Trial **{best.trial_index}**" in md
+    # the report's best plan is the search's final pick: the validation winner among the finalists
+    pick = min((x for x in rows if x.status == "rescored"), key=lambda x: x.val_PPL)
+    best = next((x for x in rows if x.status == "completed" and x.trial_index == pick.trial_index), pick)
+    if best.trial_index >= 0:
+        assert f"Trial **{best.trial_index}**" in md and "best by validation nll" in md
+    else:
+        assert "The uniform plan **" in md
+    assert "## Finalists re-scored on the validation split" in md
     assert "consistent with the search" in md and "uniform int4 g32" in md and "uniform int8 g64" in md
     png_ok(out / "tradeoff.png")
     png_ok(out / "progress.png", shape=(650, 1170))

@@ -72,8 +72,8 @@ def test_end_to_end_two_workers_uneven(tiny_llama, tmp_path):
     # the final plan is the validation winner among the finalists re-scored when the search ended
     resc = [x for x in read_history(hist).rows if x.status == "rescored"]
     assert resc and all(x.val_tokens and x.val_PPL > 1 and x.val_kl is not None for x in resc)
-    winner = min(resc, key=lambda x: x.val_kl)
-    assert best["picked_by"] == "validation" and best["val_kl"] == winner.val_kl and best["trial_index"] == winner.trial_index
+    winner = min(resc, key=lambda x: x.val_PPL)  # the default objective, nll
+    assert best["picked_by"] == "validation" and best["val_PPL"] == winner.val_PPL and best["trial_index"] == winner.trial_index
     assert "the search's pick is" in r.stdout
     # the best plan loads in bo_search.evaluate
     r2 = run_cli(
@@ -199,6 +199,7 @@ def test_ctrl_c_marks_abandoned_and_says_how_to_resume(tiny_llama, tmp_path):
         (["--resume"], "does not exist or is empty"),
         (["--finalists", "-1"], "--finalists must be 0"),
         (["--objective", "kll"], "did you mean 'kl'"),
+        (["--ts_shared_sd", "-1"], "--ts_shared_sd must be zero or positive"),
     ],
 )
 def test_bad_input_exits_2_before_any_trial(tiny_llama, tmp_path, extra, message):
@@ -238,21 +239,21 @@ def test_final_choice_names_a_seed_reuses_rescores_on_resume_and_finalists_0_pic
     assert r.returncode == 0 and f"finalists: {int(m.group(1))} ({int(m.group(1))} re-scores reused" in r.stdout, r.stdout[-2000:]
     assert hist.read_bytes() == before  # nothing measured, nothing written
     chosen = json.loads(best_json.read_text())
-    winner = min(resc, key=lambda x: x.val_kl)
-    assert chosen["picked_by"] == "validation" and chosen["val_kl"] == winner.val_kl
+    winner = min(resc, key=lambda x: x.val_PPL)
+    assert chosen["picked_by"] == "validation" and chosen["val_PPL"] == winner.val_PPL
     # --finalists 0: the old rule, the best trial on the search split
     r = run_cli(base_args(tiny_llama, space, hist, "--num_trials", "5", "--initial_samples", "uniform", "--finalists", "0"))
     assert r.returncode == 0, r.stderr[-3000:]
     chosen = json.loads(best_json.read_text())
     done = [x for x in rows if x.status == "completed"]
-    assert chosen["picked_by"] == "search split" and chosen["kl"] == min(x.kl for x in done)
+    assert chosen["picked_by"] == "search split" and chosen["cal_PPL"] == min(x.cal_PPL for x in done)
     assert "final pick by validation" not in r.stdout
 
 
 def test_text_too_short_for_a_validation_split_is_one_line(tiny_llama, tmp_path):
-    from bo_search.data import Document
-
     from test_text_split import _sentences
+
+    from bo_search.data import Document
 
     docs = []
     for i, text in enumerate(_sentences(80)):
@@ -403,7 +404,7 @@ def test_history_records_its_limit_and_refuses_another(tiny_llama, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_history(hist).rows
     assert {x.limit_metric for x in rows} == {"model_size_gb"} and len({x.limit for x in rows}) == 1
-    assert rows[0].goal == "min kl s.t. model_size_gb <= limit"
+    assert rows[0].goal == "min nll s.t. model_size_gb <= limit"
     before = hist.read_bytes()
     args = base_args(tiny_llama, space, hist, "--num_trials", "3")
     args[args.index("--avg_bits") + 1] = "6"

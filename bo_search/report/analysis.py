@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from bo_search.search.history import HistoryRow, LoadedHistory, pareto_front, read_history
+from bo_search.search.history import OLD_TEST_SPLIT_FORMATS, HistoryRow, LoadedHistory, pareto_front, read_history
 from bo_search.types import UserError
 
 SEARCH_KINDS = ("modelsize", "throughput", "pareto")
@@ -146,6 +146,13 @@ def analyse(loaded: LoadedHistory, path: str | Path, opts: ReportOptions) -> Ana
     with_ppl = [r for r in completed if r.cal_PPL is not None]
     if len(with_ppl) < len(completed):
         notes.append(f"{len(completed) - len(with_ppl)} completed trial(s) have no perplexity and are not plotted")
+    old = [r for r in completed if r.ppl_heldout is not None and r.format in OLD_TEST_SPLIT_FORMATS]
+    if old:
+        notes.append(
+            f"{len(old)} held-out perplexities in this history were measured on the test split as it was before the validation "
+            "split was carved out of it (history format /1-/2): not shown as held-out numbers; the report measures them again "
+            "when it evaluates"
+        )
 
     rescored = [r for r in rows if r.status == "rescored"]
     if search == "throughput":

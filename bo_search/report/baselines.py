@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from bo_search import cli
 from bo_search.cli import write_json
 from bo_search.report.analysis import CONSISTENCY_TOLERANCE, Analysis
-from bo_search.search.history import HistoryRow
+from bo_search.search.history import OLD_TEST_SPLIT_FORMATS, HistoryRow
 from bo_search.types import LayerQuant, QuantPlan, UserError
 
 if TYPE_CHECKING:
@@ -208,13 +208,13 @@ def evaluate(an: Analysis, ctx: ModelContext, out_dir: Path, specs: Sequence[str
         jobs.append(("baseline", (spec, lq, plan)))
     for kind, item in cli.progress(jobs, desc="report evaluations"):
         if kind == "check":
-            m = _measure(ctx, cache, item.plan, heldout=item.ppl_heldout is None)
+            m = _measure(ctx, cache, item.plan, heldout=_recorded_heldout(item) is None)
             ev.check = (item.trial_index, float(item.cal_PPL), float(m["ppl"]))
-            if m.get("ppl_heldout") is not None and item.ppl_heldout is None:
+            if m.get("ppl_heldout") is not None and _recorded_heldout(item) is None:
                 ev.heldout[item.trial_index] = float(m["ppl_heldout"])
                 ev.heldout_source[item.trial_index] = "measured"
         elif kind == "heldout":
-            if item.ppl_heldout is not None:
+            if _recorded_heldout(item) is not None:
                 ev.heldout[item.trial_index] = item.ppl_heldout
                 ev.heldout_source[item.trial_index] = "history"
             elif item.trial_index not in ev.heldout:
@@ -235,6 +235,11 @@ def evaluate(an: Analysis, ctx: ModelContext, out_dir: Path, specs: Sequence[str
             *ev.check,
         )
     return ev
+
+
+def _recorded_heldout(row: HistoryRow) -> float | None:
+    """A row's held-out perplexity if it was measured on today's test split."""
+    return None if row.format in OLD_TEST_SPLIT_FORMATS else row.ppl_heldout
 
 
 def heldout_direct(ctx: ModelContext, plan: QuantPlan) -> float:

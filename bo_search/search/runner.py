@@ -264,7 +264,7 @@ def _strategy_and_prior(setup: Setup) -> tuple[str, Sensitivity | None]:
     strategy = check_strategy(getattr(args, "strategy", "gp"))
     if strategy != "thompson":
         return strategy, None
-    ThompsonConfig(rel_sd=args.ts_prior_sd, temper=args.ts_temper)
+    ThompsonConfig(rel_sd=args.ts_prior_sd, temper=args.ts_temper, shared_sd=getattr(args, "ts_shared_sd", ThompsonConfig.shared_sd))
     return strategy, resolve_prior(setup)
 
 

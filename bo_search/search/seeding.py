@@ -69,7 +69,9 @@ def thompson_node(setup: Setup, goal: Goal, prior: Sensitivity | None, encoding:
     from bo_search.sensitivity.allocate import total_bits_limit
 
     args = setup.args
-    cfg = ThompsonConfig(rel_sd=args.ts_prior_sd, temper=args.ts_temper, seed=args.seed, shared_sd=getattr(args, "ts_shared_sd", 1.0))
+    cfg = ThompsonConfig(
+        rel_sd=args.ts_prior_sd, temper=args.ts_temper, seed=args.seed, shared_sd=getattr(args, "ts_shared_sd", ThompsonConfig.shared_sd)
+    )
     sizes = SlotSizes(setup.space, setup.size_model)
     problem = build_problem(setup.space, sizes, prior.slot_costs(setup.space) if prior is not None else None)
     if goal.multi:
