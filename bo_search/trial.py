@@ -118,6 +118,7 @@ class ModelContext:
         )
         self.load_s = time.perf_counter() - t0
         self._bytes_model: Any = None
+        self._llamacpp: Any = None
         self._compiled = False
 
     def throughput(self, plan: QuantPlan) -> tuple[Any, Any]:
@@ -127,6 +128,12 @@ class ModelContext:
         from bo_search.metrics import perplexity
         from bo_search.throughput import BytesModel, RealKernels, measure_bandwidth, measure_decode
 
+        if self.cfg.throughput_model == "llamacpp":  # the plan's GGUF in llama.cpp: perplexity and speed from that file
+            if self._llamacpp is None:
+                from bo_search.runtime import TrialRuntime
+
+                self._llamacpp = TrialRuntime(self, threads=torch.get_num_threads())
+            return self._llamacpp.measure(plan)
         if self.cfg.throughput_model == "predicted":
             if self._bytes_model is None:
                 self._bytes_model = BytesModel(self.model, self.size_model, measure_bandwidth())
