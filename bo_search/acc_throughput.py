@@ -22,9 +22,10 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from bo_search import cli
+from bo_search import cli, llamacpp
 from bo_search.search import flags, runner, seeding
 from bo_search.search.experiment import Goal
+from bo_search.structure import load_structure
 from bo_search.types import QuantPlan, UserError
 
 if TYPE_CHECKING:
@@ -100,8 +101,6 @@ def _main(args: argparse.Namespace) -> int:
     if args.throughput_model == "llamacpp":
         _check_llamacpp(args)
     if args.throughput_model == "llamacpp":
-        from bo_search.structure import load_structure
-
         st = load_structure(args)  # checked before the history is touched
         if not st.space.is_ggml or st.ref.gguf is None:
             raise UserError(
@@ -154,10 +153,8 @@ def _check_llamacpp(args: argparse.Namespace) -> None:
     predicted model when asked for), one worker, and the driver kept off the worker's cores."""
     import os
 
-    from bo_search.llamacpp import check_available
-
     try:
-        check_available()
+        llamacpp.check_available()
     except UserError as err:
         if not args.fallback_predicted:
             raise UserError(

@@ -14,8 +14,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bo_search import cli
+from bo_search import cli, llamacpp
 from bo_search.metrics import LOCAL_TASK, lm_eval_tasks
+from bo_search.runtime import DecodeSpec, measure_plans, tensor_bytes
 from bo_search.types import UserError
 
 
@@ -135,8 +136,6 @@ def _main(args: argparse.Namespace) -> int:
 
 def _main_llamacpp(args: argparse.Namespace) -> int:
     """Every plan and file checked, then each measured in llama.cpp; nothing is written on a bad input."""
-    from bo_search import llamacpp
-    from bo_search.runtime import DecodeSpec, measure_plans, tensor_bytes
     from bo_search.trial import ModelContext
 
     if args.tasks:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bo_search.model import cache_dir
-from bo_search.types import UserError
+from bo_search.types import UserError, did_you_mean
 
 log = logging.getLogger(__name__)
 
@@ -310,8 +310,9 @@ class LlamaModel:
         if rc != 0:
             raise UserError(f"llama.cpp failed to decode with {self.path.name} (status {rc}): {L.log.last_error()}")
 
-    def logits(self, tokens: Sequence[int]) -> Any:
-        """float32 (len(tokens), n_vocab) logits of one sequence from position 0 (a fresh cache)."""
+    def _logits_view(self, tokens: Sequence[int]) -> Any:
+        """llama.cpp's float32 (len(tokens), n_vocab) logits of one sequence from position 0 (a fresh
+        cache), as a view of its buffer (valid until the next decode)."""
         import numpy as np
 
         L = self._L
@@ -319,7 +320,11 @@ class LlamaModel:
         self._decode(tokens, 0, all_logits=True)
         ptr = L.lib.llama_get_logits(self.ctx)
         buf = L.ffi.buffer(ptr, 4 * len(tokens) * self.n_vocab)
-        return np.frombuffer(buf, dtype=np.float32).reshape(len(tokens), self.n_vocab).copy()
+        return np.frombuffer(buf, dtype=np.float32).reshape(len(tokens), self.n_vocab)
+
+    def logits(self, tokens: Sequence[int]) -> Any:
+        """A copy of :meth:`_logits_view`."""
+        return self._logits_view(tokens).copy()
 
     def window_nll(self, ids: Any) -> Any:
         """Summed next-token NLL (nats, float64) of each row of ``ids`` (n, L+1): the model reads
@@ -329,9 +334,9 @@ class LlamaModel:
         ids = np.asarray(ids, dtype=np.int64)
         sums = np.empty(ids.shape[0], dtype=np.float64)
         for r, row in enumerate(ids):
-            z = self.logits(row[:-1]).astype(np.float64)
-            m = z.max(axis=1, keepdims=True)
-            lse = (m[:, 0] + np.log(np.exp(z - m).sum(axis=1))).astype(np.float64)
+            z = self._logits_view(row[:-1])
+            m = z.max(axis=1)
+            lse = m.astype(np.float64) + np.log(np.exp(z - m[:, None]).sum(axis=1, dtype=np.float64))
             sums[r] = float((lse - z[np.arange(z.shape[0]), row[1:]]).sum())
         return sums
 
@@ -373,8 +378,6 @@ def quantize(src: str | Path, dst: str | Path, preset: str, threads: int = 1) ->
     L = _load()
     name = preset.upper()
     if name not in PRESETS:
-        from bo_search.types import did_you_mean
-
         raise did_you_mean(preset, PRESETS, "llama.cpp preset")
     src, dst = Path(src), Path(dst)
     if not src.is_file():

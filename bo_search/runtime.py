@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bo_search import llamacpp
+from bo_search.gguf_file import open_reader
+from bo_search.gguf_write import CONVERT_HINT, PackCache, export_gguf
 from bo_search.types import Perplexity, QuantPlan, UserError, ggml_effective_type
 
 if TYPE_CHECKING:
     from bo_search.data import Windows
-    from bo_search.gguf_write import PackCache
     from bo_search.model import ModelLayers
     from bo_search.throughput import Throughput
     from bo_search.trial import ModelContext
@@ -72,8 +73,6 @@ def perplexity(model: llamacpp.LlamaModel, windows: Windows) -> Perplexity:
 
 def tensor_bytes(path: str | Path) -> int:
     """Bytes of a GGUF's tensor data, read with the ``gguf`` package (what a plan's size counts)."""
-    from bo_search.gguf_file import open_reader
-
     try:
         reader = open_reader(path)
     except Exception as err:  # the gguf package raises several types on a malformed file
@@ -165,8 +164,6 @@ class PlanWriter:
     (tensor, type) quantized once), for llama.cpp to load; :meth:`close` removes them."""
 
     def __init__(self, source: str | Path | None, layers: ModelLayers, workdir: str | Path | None = None):
-        from bo_search.gguf_write import CONVERT_HINT, PackCache
-
         if source is None:
             raise UserError(f"llama.cpp needs a GGUF checkpoint; the checkpoint is a Hugging Face directory: {CONVERT_HINT}")
         self.source, self.layers = Path(source), layers
@@ -175,8 +172,6 @@ class PlanWriter:
         self._n = 0
 
     def write(self, plan: QuantPlan, name: str | None = None) -> Path:
-        from bo_search.gguf_write import export_gguf
-
         check_plan(plan, self.layers)
         self._n += 1
         out = self.dir / (name or f"plan{self._n}.gguf")

@@ -17,6 +17,7 @@ import torch
 
 from bo_search.gguf_file import ggml_other_bits
 from bo_search.model import discover_layers, load_model
+from bo_search.runtime import TrialRuntime
 from bo_search.types import QuantPlan, TrialResult, UserError, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -130,8 +131,6 @@ class ModelContext:
 
         if self.cfg.throughput_model == "llamacpp":  # the plan's GGUF in llama.cpp: perplexity and speed from that file
             if self._llamacpp is None:
-                from bo_search.runtime import TrialRuntime
-
                 self._llamacpp = TrialRuntime(self, threads=torch.get_num_threads())
             return self._llamacpp.measure(plan)
         if self.cfg.throughput_model == "predicted":

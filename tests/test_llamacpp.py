@@ -192,26 +192,6 @@ def test_missing_llamacpp_and_refused_files_are_one_line_with_nothing_written(tm
     assert r.returncode == 2 and "llama.cpp runs plans in llama.cpp tensor types" in r.stderr and not out.exists()
 
 
-def test_only_the_adapter_imports_llamacpp():
-    """Layering: bo_search.llamacpp is the one module that talks to llama.cpp (its package or cffi)."""
-    import ast
-
-    pkg = Path(__file__).resolve().parents[1] / "bo_search"
-    offenders = []
-    for path in pkg.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = (
-                [a.name for a in node.names]
-                if isinstance(node, ast.Import)
-                else [node.module or ""]
-                if isinstance(node, ast.ImportFrom)
-                else []
-            )
-            if any(n.split(".")[0] in ("llama_cpp_py_sync", "llama_cpp", "cffi") for n in names) and path.name != "llamacpp.py":
-                offenders.append(f"{path.relative_to(pkg)}:{node.lineno}")
-    assert not offenders, offenders
-
-
 @pytest.mark.slow
 def test_evaluate_runtime_llamacpp_end_to_end(tmp_path):
     out = tmp_path / "r.json"

@@ -9,11 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bo_search import cli
+from bo_search import cli, llamacpp
 from bo_search.model import discover_layers, load_structure, resolve_checkpoint
 from bo_search.report.analysis import ReportOptions, analyse, choose_export_row, load_history
 from bo_search.report.build import build_report, check_model
 from bo_search.report.gguf import CONVERT_HINT, check_gguf_plan, export_gguf
+from bo_search.runtime import DecodeSpec, measure_file
 from bo_search.search.history import HistoryRow
 from bo_search.types import UserError
 
@@ -125,10 +126,8 @@ def _main(args: argparse.Namespace) -> int:
     if opts.gguf is not None:
         _check_gguf_request(opts, export_row, args.checkpoint)
         if not args.no_llamacpp:
-            from bo_search.llamacpp import check_available
-
             try:
-                check_available()
+                llamacpp.check_available()
             except UserError as err:
                 raise UserError(f"{err}; or add --no_llamacpp to write the GGUF without measuring it") from None
     for line, why in an.skipped:
@@ -174,8 +173,6 @@ def _main(args: argparse.Namespace) -> int:
 
 def _measure_gguf(args: argparse.Namespace, path: Path, row: HistoryRow) -> None:
     """The written file in llama.cpp, next to this tool's perplexity of the same plan on the same windows."""
-    from bo_search.llamacpp import check_available
-    from bo_search.runtime import DecodeSpec, measure_file
     from bo_search.trial import ModelContext
 
     ctx = ModelContext.from_args(args, heldout=args.heldout_tokens > 0)
@@ -188,7 +185,7 @@ def _measure_gguf(args: argparse.Namespace, path: Path, row: HistoryRow) -> None
 
     held = f"; held-out ({ctx.heldout_windows.n_tokens} tokens) {cmp(m.ppl_heldout.ppl, ours['ppl_heldout'])}" if m.ppl_heldout else ""
     print(
-        f"{check_available()}, {m.timing.threads} thread(s): perplexity on the search split ({ctx.search_windows.n_tokens} tokens) "
+        f"{llamacpp.check_available()}, {m.timing.threads} thread(s): perplexity on the search split ({ctx.search_windows.n_tokens} tokens) "
         f"{cmp(m.ppl.ppl, ours['ppl'])}{held}; decode {m.timing.tokens_per_s:.1f} ± {m.timing.sem:.1f} tokens/s "
         f"({m.timing.new_tokens} tokens after {m.timing.prompt_tokens}, median of {len(m.timing.rates)} after a warm-up)"
     )
