@@ -31,7 +31,7 @@ from bo_search.types import GGML_TYPE_NAMES, LayerQuant, QuantPlan
 
 REPO = Path(__file__).resolve().parents[1]
 NO_Q41 = REPO / "parameter_spaces" / "smollm2_135m_ggml_per_block_no_q4_1.json"
-MIXED = REPO / "docs" / "bench" / "ggml_search_0093.csv.best_plan.json"
+MIXED = REPO / "docs" / "bench" / "ggml_search_0093.csv"
 
 
 def _ctx(eval_tokens: int, heldout_tokens: int) -> ModelContext:
@@ -53,7 +53,11 @@ def speed(args: argparse.Namespace) -> None:
     spec = DecodeSpec(prompt_tokens=64, new_tokens=64, repeats=5, warmup=1, threads=args.threads)
     plans = [(f"uniform {t}", QuantPlan.uniform(ctx.layers.fqns, LayerQuant.of_ggml(t))) for t in args.types.split(",")]
     if MIXED.is_file():
-        plans.append(("searched mixed (docs/bench/ggml_search_0093)", QuantPlan.loads(MIXED.read_text())))
+        from bo_search.search.history import read_history
+
+        done = [r for r in read_history(MIXED).rows if r.status == "completed" and r.model_size <= 0.093]
+        best = min(done, key=lambda r: r.cal_PPL)
+        plans.append((f"searched mixed (docs/bench/ggml_search_0093.csv trial {best.trial_index})", best.plan))
     rows = []
     print(f"{llamacpp.check_available()}; bandwidth {bw / 1e9:.2f} GB/s (cached); {args.threads} thread(s)")
     print("| plan | bytes read per token (MB) | predicted tok/s | measured tok/s (median ± sem) | error of the prediction |")

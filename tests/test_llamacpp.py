@@ -111,7 +111,14 @@ def test_llamacpp_perplexity_of_a_written_plan_agrees_with_ours(real_ctx, tmp_pa
         types = {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
     assert {"Q4_0", "Q8_0", "Q4_K", "Q6_K", "Q5_1", "Q5_0"} <= types  # k-quants only on rows of 1536, fallbacks elsewhere
     ours = real_ctx.measure(plan)
-    assert m.ppl is not None and m.tensor_bytes == round(ours["model_size_gb"] * 1e9)
+    from bo_search.gguf_file import ggml_other_bits
+    from bo_search.sizes import SizeModel
+
+    ctx = real_ctx
+    sizes = SizeModel(
+        ctx.model, ctx.layers, ctx.scheme, ctx.ref.storage_dtype, stored_other_bits=ggml_other_bits(True, ctx.ref, ctx.layers)
+    )
+    assert m.ppl is not None and m.tensor_bytes == sizes.report(plan).total_bytes  # the file is the size the search counts
     print(f"llama.cpp {m.ppl.ppl:.4f} ours {ours['ppl']:.4f} ({m.ppl.nll / ours['nll'] - 1:+.4%} in NLL)")
     assert abs(m.ppl.nll / ours["nll"] - 1) < NLL_REL_TOL
 
