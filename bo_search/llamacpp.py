@@ -176,8 +176,10 @@ class _Log:
         self.lines: deque[tuple[int, str]] = deque(maxlen=200)
 
     def last_error(self) -> str:
+        """The first error since the log was cleared (llama.cpp logs the cause first, then that it
+        failed), else the last line."""
         errs = [t for lvl, t in self.lines if lvl >= 4]  # GGML_LOG_LEVEL_ERROR
-        text = errs[-1] if errs else (self.lines[-1][1] if self.lines else "")
+        text = errs[0] if errs else (self.lines[-1][1] if self.lines else "")
         return " ".join(text.split())
 
 
