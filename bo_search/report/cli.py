@@ -183,7 +183,9 @@ def _measure_gguf(args: argparse.Namespace, path: Path, row: HistoryRow) -> None
     def cmp(theirs: float, mine: float) -> str:
         return f"{theirs:.4f} (this tool on the same windows: {mine:.4f}, {100 * (theirs / mine - 1):+.2f}%)"
 
-    held = f"; held-out ({ctx.heldout_windows.n_tokens} tokens) {cmp(m.ppl_heldout.ppl, ours['ppl_heldout'])}" if m.ppl_heldout else ""
+    held = ""
+    if m.ppl_heldout is not None and ctx.heldout_windows is not None:
+        held = f"; held-out ({ctx.heldout_windows.n_tokens} tokens) {cmp(m.ppl_heldout.ppl, ours['ppl_heldout'])}"
     print(
         f"{llamacpp.check_available()}, {m.timing.threads} thread(s): perplexity on the search split ({ctx.search_windows.n_tokens} tokens) "
         f"{cmp(m.ppl.ppl, ours['ppl'])}{held}; decode {m.timing.tokens_per_s:.1f} ± {m.timing.sem:.1f} tokens/s "
