@@ -2,7 +2,8 @@
 against llama.cpp's own presets at equal size. Every perplexity and tokens/s here is llama.cpp's.
 
     python scripts/bench_llamacpp.py speed   [--threads 1] [--out runs/llamacpp]
-    python scripts/bench_llamacpp.py presets [--presets Q3_K_M,Q4_K_M,Q4_0,Q5_K_M] [--num_trials 20] [--out runs/llamacpp]
+    python scripts/bench_llamacpp.py presets [--presets Q3_K_M,Q4_K_M,Q4_0,Q5_K_M] [--num_trials 16] [--out runs/llamacpp]
+    python scripts/bench_llamacpp.py retime  [--rounds 3]    # every file of presets timed again, round-robin
 
 ``speed``: for uniform ggml types and a searched mixed plan, the decode tokens/s predicted from bytes
 read per token (``throughput.BytesModel``, bandwidth measured once) against llama.cpp's measured
@@ -132,6 +133,39 @@ def presets(args: argparse.Namespace) -> None:
     print(json.dumps(results, indent=1))
 
 
+def retime(args: argparse.Namespace) -> None:
+    """Decode speed of every file of ``presets`` again, round-robin (each round times every file once,
+    ``--rounds`` rounds), so that slow drifts of the shared machine hit every row alike; the median
+    over rounds of each file's median is stored as ``tok_s_rr`` (with the rounds' values)."""
+    import statistics
+
+    out = Path(args.out)
+    results_path = out / "presets.json"
+    results = json.loads(results_path.read_text())
+    ctx = _ctx(512, 0)
+    prompt = [int(t) for t in ctx.search_windows.ids[0, :64]]
+    spec = DecodeSpec(prompt_tokens=64, new_tokens=64, repeats=5, warmup=1, threads=args.threads)
+    files: dict[str, tuple[Path, dict]] = {}
+    with PlanWriter(ctx.ref.gguf, ctx.layers) as writer:
+        for t, row in results["uniform"].items():
+            files[f"uniform {t}"] = (writer.write(QuantPlan.uniform(ctx.layers.fqns, LayerQuant.of_ggml(t))), row)
+        for p, e in results["presets"].items():
+            files[f"llama.cpp {p}"] = (out / f"preset_{p}.gguf", e["preset"])
+            if "ours" in e:
+                files[f"ours at {p}"] = (out / f"ours_{p}.gguf", e["ours"])
+        rates: dict[str, list[float]] = {k: [] for k in files}
+        for r in range(args.rounds):
+            print(f"round {r + 1}/{args.rounds}", flush=True)
+            for k, (path, _row) in files.items():
+                rates[k].append(measure_file(path, None, None, spec, ctx.tok, prompt=prompt).timing.tokens_per_s)
+    for k, (_path, row) in files.items():
+        row["tok_s_rr"] = statistics.median(rates[k])
+        row["tok_s_rounds"] = rates[k]
+        print(f"  {k}: {row['tok_s_rr']:.1f} tok/s (rounds {', '.join(f'{x:.1f}' for x in rates[k])})")
+    results["retime"] = {"rounds": args.rounds, "threads": args.threads, "new_tokens": 64, "prompt_tokens": 64}
+    results_path.write_text(json.dumps(results, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -142,14 +176,18 @@ def main() -> None:
     q = sub.add_parser("presets")
     q.add_argument("--presets", default="Q3_K_M,Q4_K_M,Q4_0,Q5_K_M")
     q.add_argument("--space", default=str(NO_Q41))
-    q.add_argument("--num_trials", type=int, default=20)
+    q.add_argument("--num_trials", type=int, default=16)
     q.add_argument("--search_tokens", type=int, default=1024)
     q.add_argument("--eval_tokens", type=int, default=512)
     q.add_argument("--heldout_tokens", type=int, default=4096)
     q.add_argument("--threads", type=int, default=1)
     q.add_argument("--out", default="runs/llamacpp")
+    r = sub.add_parser("retime")
+    r.add_argument("--rounds", type=int, default=3)
+    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--out", default="runs/llamacpp")
     args = p.parse_args()
-    {"speed": speed, "presets": presets}[args.cmd](args)
+    {"speed": speed, "presets": presets, "retime": retime}[args.cmd](args)
 
 
 if __name__ == "__main__":
