@@ -35,8 +35,8 @@ NO_Q41 = REPO / "parameter_spaces" / "smollm2_135m_ggml_per_block_no_q4_1.json"
 MIXED = REPO / "docs" / "bench" / "ggml_search_0093.csv"
 
 
-def _ctx(eval_tokens: int, heldout_tokens: int) -> ModelContext:
-    return ModelContext(EvalConfig(eval_tokens=eval_tokens, heldout_tokens=heldout_tokens, ggml_sizes=True))
+def _ctx(eval_tokens: int, heldout_tokens: int, checkpoint: str | None = None) -> ModelContext:
+    return ModelContext(EvalConfig(checkpoint=checkpoint, eval_tokens=eval_tokens, heldout_tokens=heldout_tokens, ggml_sizes=True))
 
 
 def _row(label: str, m, extra: dict | None = None) -> dict:
@@ -82,8 +82,9 @@ def speed(args: argparse.Namespace) -> None:
 def presets(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    ctx = _ctx(args.eval_tokens, args.heldout_tokens)
+    ctx = _ctx(args.eval_tokens, args.heldout_tokens, args.checkpoint)
     src = ctx.ref.gguf
+    model_args = ["--checkpoint", args.checkpoint] if args.checkpoint else []
     assert src is not None
     spec = DecodeSpec(prompt_tokens=64, new_tokens=64, repeats=5, warmup=1, threads=args.threads)
     results: dict = {"llama.cpp": llamacpp.check_available(), "threads": args.threads, "heldout_tokens": ctx.heldout_windows.n_tokens}
@@ -102,7 +103,7 @@ def presets(args: argparse.Namespace) -> None:
 
     uniform = results.setdefault("uniform", {})
     with PlanWriter(src, ctx.layers) as writer:
-        for t in GGML_TYPE_NAMES:
+        for t in args.uniform.split(","):
             if t not in uniform:
                 path = writer.write(QuantPlan.uniform(ctx.layers.fqns, LayerQuant.of_ggml(t)))
                 uniform[t] = measure(f"uniform {t}", path)
@@ -117,14 +118,16 @@ def presets(args: argparse.Namespace) -> None:
         budget = tensor_bytes(f)
         entry = {"preset": measure(f"llama.cpp {p}", f, quantize_s=round(q_s, 2)), "budget_bytes": budget}
         hist = out / f"search_{p}.csv"
-        cmd = [sys.executable, "-m", "bo_search.acc_modelsize", "--parameters_list", str(args.space),
+        cmd = [sys.executable, "-m", "bo_search.acc_modelsize", *model_args, "--parameters_list", str(args.space),
                "--model_size_constraint", f"{budget / 1e9:.9f}", "--num_trials", str(args.num_trials),
                "--eval_tokens", str(args.search_tokens), "--heldout_tokens", "0", "--history_output", str(hist)]  # fmt: skip
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True)
         entry["search_s"] = round(time.perf_counter() - t0, 1)
         ours = out / f"ours_{p}.gguf"
-        subprocess.run([sys.executable, "-m", "bo_search.report", str(hist), "--gguf", str(ours), "--force", "--no_llamacpp"], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "bo_search.report", str(hist), *model_args, "--gguf", str(ours), "--force", "--no_llamacpp"], check=True
+        )
         entry["ours"] = measure(f"ours at {p}'s size", ours)
         fits = {t: r for t, r in uniform.items() if r["model_size_gb"] * 1e9 <= budget}
         entry["uniform_fit"] = max(fits, key=lambda t: fits[t]["model_size_gb"]) if fits else None
@@ -182,6 +185,8 @@ def main() -> None:
     q.add_argument("--heldout_tokens", type=int, default=4096)
     q.add_argument("--threads", type=int, default=1)
     q.add_argument("--out", default="runs/llamacpp")
+    q.add_argument("--checkpoint", default=None, help="a GGUF checkpoint (default: the embedded model)")
+    q.add_argument("--uniform", default=",".join(GGML_TYPE_NAMES), help="uniform types to measure")
     r = sub.add_parser("retime")
     r.add_argument("--rounds", type=int, default=3)
     r.add_argument("--threads", type=int, default=1)
