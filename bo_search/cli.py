@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from bo_search.space import load_initial_samples, load_space
-from bo_search.types import FULL_PRECISION, LayerQuant, QuantPlan, UserError
+from bo_search.types import FULL_PRECISION, GGML_TYPES, LayerQuant, QuantPlan, UserError
 
 if TYPE_CHECKING:
     from bo_search.trial import ModelContext
@@ -176,6 +176,8 @@ def parse_uniform(spec: str) -> Any:
     s = spec.strip().lower()
     if s in ("fp", "16", "full"):
         return FULL_PRECISION
+    if s.upper() in GGML_TYPES:  # a llama.cpp tensor type, e.g. Q4_K
+        return LayerQuant.of_ggml(s.upper())
     parts = s.split(":")
     try:
         bits = int(parts[0])

@@ -17,8 +17,9 @@ more accurate; the numbers the search reports are those of *this* file.
 
 A k-quant needs rows whose length is a multiple of 256. Like ``llama-quantize``, a row that is not
 falls back to a block-32 type of at least as many bits: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0
-(llama.cpp's own fallbacks), and Q2_K, Q3_K -> Q4_0 (llama.cpp uses IQ4_NL, which has Q4_0's size;
-we do not implement IQ4_NL). Sizes count the type actually written.
+(llama.cpp's own fallbacks), and Q2_K, Q3_K -> Q4_0 (as llama.cpp b11739's Q3_K_M writes them; some
+llama.cpp versions use IQ4_NL, which has Q4_0's size and is not implemented here). Sizes count the
+type actually written.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from bo_search.types import QuantPlan, did_you_mean
 
 log = logging.getLogger(__name__)
 
-THROUGHPUT_MODELS = ("measured", "predicted")
+THROUGHPUT_MODELS = ("measured", "predicted", "llamacpp")  # llamacpp: bo_search.runtime
 
 
 @dataclass(frozen=True)

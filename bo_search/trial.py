@@ -17,6 +17,7 @@ import torch
 
 from bo_search.gguf_file import ggml_other_bits
 from bo_search.model import discover_layers, load_model
+from bo_search.runtime import TrialRuntime
 from bo_search.types import QuantPlan, TrialResult, UserError, did_you_mean
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class ModelContext:
         )
         self.load_s = time.perf_counter() - t0
         self._bytes_model: Any = None
+        self._llamacpp: Any = None
         self._compiled = False
         self._search_ref: Any = None
         self._val: Any = None  # (validation windows, their reference), built at the first re-score
@@ -201,6 +203,10 @@ class ModelContext:
         from bo_search.metrics import perplexity
         from bo_search.throughput import BytesModel, RealKernels, measure_bandwidth, measure_decode
 
+        if self.cfg.throughput_model == "llamacpp":  # the plan's GGUF in llama.cpp: perplexity and speed from that file
+            if self._llamacpp is None:
+                self._llamacpp = TrialRuntime(self, threads=torch.get_num_threads())
+            return self._llamacpp.measure(plan)
         if self.cfg.throughput_model == "predicted":
             if self._bytes_model is None:
                 self._bytes_model = BytesModel(self.model, self.size_model, measure_bandwidth())

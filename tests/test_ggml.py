@@ -168,10 +168,17 @@ def test_searched_ggml_plan_exports_a_gguf_transformers_reads_with_the_same_perp
     assert all(lq.ggml_type for x in rows for lq in x.plan.values())
     best = min(rows, key=lambda x: x.cal_PPL)
     out = tmp_path / "out" / "model.gguf"
-    rep = [sys.executable, "-m", "bo_search.report", str(hist), "--trial", str(best.trial_index), "--gguf", str(out)]
+    rep = [sys.executable, "-m", "bo_search.report", str(hist), "--trial", str(best.trial_index), "--gguf", str(out),
+           "--eval_tokens", "512", "--heldout_tokens", "512"]  # fmt: skip
     r = subprocess.run(rep, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "wrote" in r.stdout and out.is_file()
+    # the file measured in llama.cpp, next to this tool's perplexity of the plan on the same windows
+    import re
+
+    got = re.search(r"search split \(512 tokens\) ([\d.]+) \(this tool on the same windows: ([\d.]+), ([-+][\d.]+)%\)", r.stdout)
+    assert got, r.stdout[-2000:]
+    assert abs(float(got.group(3))) < 1.0 and "tokens/s" in r.stdout
     # refusing to overwrite: one line, exit 2, the file untouched
     before = out.stat().st_mtime_ns
     r2 = subprocess.run(rep, capture_output=True, text=True, timeout=600)

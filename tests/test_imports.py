@@ -162,3 +162,31 @@ def test_local_imports_only_defer_heavy_modules(graph) -> None:
 
     light = sorted({f"{e.src}:{e.line} imports {e.dst}" for e in edges if e.local and not heavy(e.dst, set())})
     assert not light, "function-local imports of light modules (import them at module level): " + "; ".join(light)
+
+
+#: llama.cpp's Python bindings (and the FFI they are written in): only the adapter may import them
+LLAMACPP_PACKAGES = {"llama_cpp_py_sync", "llama_cpp", "cffi"}
+LLAMACPP_ADAPTER = "bo_search.llamacpp"
+
+
+def test_only_the_llamacpp_adapter_talks_to_llamacpp(graph) -> None:
+    """``bo_search.llamacpp`` is the one module that imports llama.cpp's bindings, at any level
+    (function-local imports included); everything else goes through it."""
+    modules, _, _ = graph
+    bad: list[str] = []
+    seen_in_adapter = False
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                targets = [node.module or ""]
+            else:
+                continue
+            if any(t.split(".")[0] in LLAMACPP_PACKAGES for t in targets):
+                if name == LLAMACPP_ADAPTER:
+                    seen_in_adapter = True
+                else:
+                    bad.append(f"{name}:{node.lineno}")
+    assert seen_in_adapter, "the scan no longer sees the adapter's own import of the bindings"
+    assert not bad, "only bo_search.llamacpp may import llama.cpp's bindings: " + "; ".join(bad)

@@ -258,3 +258,40 @@ def test_bitops_budget_counts_bits_times_macs_and_ignores_group_size():
     assert {by_size.values[s.group_size.name] for s in space.slots} != {32}
     with pytest.raises(UserError, match="bit-operations budget .* GBOPs per token is below the smallest plan"):
         allocate(space, sm, sens, math.inf, bitops_limit=n * 1.9 * 16 / 1e9)
+
+
+def test_predicted_cost_of_a_ggml_plan_uses_the_slot_values_not_nominal_bits(tmp_path):
+    """In a ggml space a slot's value is a type index: the predicted cost must be the table's entry
+    for that index (a space without Q4_1 has no index 4, and Q4_0's index 2 is not its nominal 4 bits)."""
+    from bo_search.types import GGML_TYPE_NAMES
+
+    layers = smollm2()
+    path = tmp_path / "g.json"
+    types = ["Q4_0", "Q5_0", "Q8_0"]
+    path.write_text(
+        json.dumps(
+            {"scheme": "ggml", "parameters": [{"name": "ggml_type", "layers": [{"range": [0, 30], "type": "choice", "values": types}]}]}
+        )
+    )
+    space = load_space(path, layers)
+    cost = {t: 10.0**-i for i, t in enumerate(types)}  # Q4_0 1, Q5_0 0.1, Q8_0 0.01 per layer
+    costs = {li.fqn: {choice_key(LayerQuant.of_ggml(t)): cost[t] for t in types} for li in layers.linears}
+    sens = Sensitivity(
+        "fit",
+        "synthetic",
+        "abc",
+        {"n_tokens": 0},
+        {},
+        {f: (f,) for f in costs},
+        dict.fromkeys(costs, 1.0),
+        costs,
+        space.source,
+        space.fingerprint,
+    )
+    tables = sens.slot_costs(space)
+    per_block = len(layers.in_block(0))
+    for t in types:
+        vals = {p.name: GGML_TYPE_NAMES.index(t) for p in space.tunable}
+        assert sens.predicted(space, vals, tables) == pytest.approx(30 * per_block * cost[t])
+    # and types of the same nominal width are priced apart
+    assert len({choice_key(LayerQuant.of_ggml(t)) for t in ("Q4_0", "Q4_K", "Q4_1")}) == 3

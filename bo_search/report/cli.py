@@ -9,11 +9,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bo_search import cli
+from bo_search import cli, llamacpp
 from bo_search.model import discover_layers, load_structure, resolve_checkpoint
 from bo_search.report.analysis import ReportOptions, analyse, choose_export_row, load_history
 from bo_search.report.build import build_report, check_model
 from bo_search.report.gguf import CONVERT_HINT, check_gguf_plan, export_gguf
+from bo_search.runtime import DecodeSpec, measure_file
 from bo_search.search.history import HistoryRow
 from bo_search.types import UserError
 
@@ -64,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(a ggml space) on a GGUF checkpoint; metadata and tokenizer are copied from the checkpoint",
     )
     p.add_argument("--force", action="store_true", help="let --gguf overwrite an existing file")
+    p.add_argument(
+        "--no_llamacpp",
+        action="store_true",
+        help="--gguf: write the file without measuring it in llama.cpp (by default its perplexity on the search and held-out windows "
+        "of --eval_tokens/--heldout_tokens and its decode tokens/s are measured there and printed next to this tool's)",
+    )
+    p.add_argument("--threads", type=int, default=1, help="--gguf: llama.cpp threads for that measurement (default 1)")
     p.add_argument(
         "--torchao_device",
         default="cpu",
@@ -117,6 +125,11 @@ def _main(args: argparse.Namespace) -> int:
     export_row = choose_export_row(an, opts.trial)  # a bad --trial fails before any model is loaded
     if opts.gguf is not None:
         _check_gguf_request(opts, export_row, args.checkpoint)
+        if not args.no_llamacpp:
+            try:
+                llamacpp.check_available()
+            except UserError as err:
+                raise UserError(f"{err}; or add --no_llamacpp to write the GGUF without measuring it") from None
     for line, why in an.skipped:
         print(f"warning: {history.name} line {line} skipped ({why})", file=sys.stderr)
     ctx = None
@@ -154,7 +167,37 @@ def _main(args: argparse.Namespace) -> int:
         print(f"exported trial {res.export.trial} to {res.export.directory}")
     if opts.gguf is not None and export_row is not None:
         _write_gguf(opts, export_row, args.checkpoint, args.include_lm_head, history)
+        if not args.no_llamacpp:
+            _measure_gguf(args, opts.gguf, export_row)
     return 0
+
+
+def _measure_gguf(args: argparse.Namespace, path: Path, row: HistoryRow) -> None:
+    """The written file in llama.cpp, next to this tool's perplexity of the same plan on the same windows."""
+    from bo_search.trial import ModelContext
+
+    ctx = ModelContext.from_args(args, heldout=args.heldout_tokens > 0)
+    ours = ctx.measure(row.plan, heldout=ctx.heldout_windows is not None)
+    m = measure_file(path, ctx.search_windows, ctx.heldout_windows, DecodeSpec(threads=args.threads), ctx.tok)
+    assert m.ppl is not None and m.timing is not None
+
+    def cmp(theirs: float, mine: float) -> str:
+        return f"{theirs:.4f} (this tool on the same windows: {mine:.4f}, {100 * (theirs / mine - 1):+.2f}%)"
+
+    held = ""
+    if m.ppl_heldout is not None and ctx.heldout_windows is not None:
+        held = f"; held-out ({ctx.heldout_windows.n_tokens} tokens) {cmp(m.ppl_heldout.ppl, ours['ppl_heldout'])}"
+    print(
+        f"{llamacpp.check_available()}, {m.timing.threads} thread(s): perplexity on the search split ({ctx.search_windows.n_tokens} tokens) "
+        f"{cmp(m.ppl.ppl, ours['ppl'])}{held}; decode {m.timing.tokens_per_s:.1f} ± {m.timing.sem:.1f} tokens/s "
+        f"({m.timing.new_tokens} tokens after {m.timing.prompt_tokens}, median of {len(m.timing.rates)} after a warm-up)"
+    )
+    if row.cal_PPL is not None:
+        print(
+            f"(the search recorded {row.cal_PPL:.4f} on its search windows"
+            + (f", {row.ppl_heldout:.4f} held-out" if row.ppl_heldout is not None else "")
+            + "; pass the search's --eval_tokens/--heldout_tokens to measure on those)"
+        )
 
 
 def _check_gguf_request(opts: ReportOptions, row: HistoryRow | None, checkpoint: str | None) -> None:

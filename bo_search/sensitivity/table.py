@@ -22,8 +22,9 @@ METHOD_NAMES = ("fit", "hessian", "measured")
 
 
 #: bumped whenever a method's computation changes, so cached tables of the old code are not reused
-#: (2: FIT costs in nats per token, the window-mean Fisher times the window's scored tokens)
-COMPUTE_VERSION = 2
+#: (2: FIT costs in nats per token, the window-mean Fisher times the window's scored tokens;
+#: 3: ggml settings keyed by their type, not their nominal bits, which merged Q4_0/Q4_K/Q4_1)
+COMPUTE_VERSION = 3
 
 
 STOP_RULES = ("rank", "layers", "total")
@@ -40,7 +41,10 @@ DEFAULT_NSAMPLES = {"fit": 8, "hessian": 8, "measured": 1}
 
 
 def choice_key(lq: LayerQuant) -> str:
-    """The cost-table key of a setting: ``"bits:group"`` (``":sym"`` appended for symmetric codes)."""
+    """The cost-table key of a setting: ``"bits:group"`` (``":sym"`` appended for symmetric codes);
+    a llama.cpp type's name for a ggml setting (Q4_0, Q4_K and Q4_1 share their nominal 4 bits)."""
+    if lq.ggml_type:
+        return lq.ggml_type
     return f"{lq.bits}:{lq.group_size}" + (":sym" if lq.symmetric else "")
 
 
@@ -243,8 +247,11 @@ class Sensitivity:
         full = space.complete(values)
         total = 0.0
         for slot, table in zip(space.slots, tables):
-            lq = space.setting(slot, full)
-            total += table[(lq.bits, lq.group_size)]
+            # the table is keyed by the slot's raw choice values (in a ggml space the bits value is a
+            # type index, not the type's nominal bits), as slot_costs builds it
+            b = int(full[slot.bits.name]) if slot.bits.name in full else slot.bits.values[0]
+            g = int(full[slot.group_size.name]) if slot.group_size.name in full else slot.group_size.values[0]
+            total += table[(b, g)]
         return total
 
 
