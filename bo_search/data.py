@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from bo_search.model import cache_dir
+from bo_search.model import cache_dir, load_tokenizer
 from bo_search.types import UserError
 
 log = logging.getLogger(__name__)
@@ -302,8 +302,6 @@ def make_windows(stream: torch.Tensor, n_tokens: int, seq_len: int, prefix_id: i
 def check_splits(checkpoint: str | None, eval_text: str | None, splits: tuple[str, ...], seq_len: int) -> None:
     """Before any worker starts: each of ``splits`` holds at least one window of ``seq_len`` tokens
     (a UserError saying how long the text must be otherwise). Tokens are cached for the workers."""
-    from bo_search.model import load_tokenizer
-
     tok = load_tokenizer(checkpoint)
     corpus = load_corpus(eval_text)
     for split in splits:

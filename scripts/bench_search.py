@@ -62,6 +62,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--eval_tokens", type=int, default=2048)
     p.add_argument("--heldout_tokens", type=int, default=16384, help="test-split tokens of every held-out number (default 16384)")
     p.add_argument("--curves", action="store_true", help="also the best-so-far held-out curve (one held-out evaluation per mark)")
+    p.add_argument(
+        "--reuse", action="store_true", help="keep a search run's history and log when they exist (the search resumes: nothing runs again)"
+    )
     p.add_argument("--search_args", default="", help="extra flags for every search run, e.g. '--objective nll' or '--finalists 0'")
     p.add_argument("--arms", default="uniform,random,greedy,exact,gp_seeded,ts_seeded,ts")
     p.add_argument("--space", default=str(EMBEDDED_SPACE), help="parameter space JSON (default: the per-block space)")
@@ -203,14 +206,26 @@ def run_cli(b: Bench, hist: Path, extra: list[str], workers: int = 1) -> tuple[s
 def run_search(b: Bench, arm: str, seed: int, trials: int, workers: int = 1) -> dict[str, Any]:
     strategy, init, prior = SEARCH_ARMS[arm]
     hist = b.out / f"{arm}_s{seed}_w{workers}.csv"
-    for p in (hist, Path(str(hist) + ".best_plan.json")):
-        p.unlink(missing_ok=True)
-    if init == "auto":
-        src, _ = seed_history(b)
-        shutil.copyfile(src, hist)  # the same evaluated seeds for every seeded arm and stream
+    log_path = Path(str(hist) + ".log")
+    reuse = b.args.reuse and hist.exists()
+    if not reuse:
+        for p in (hist, Path(str(hist) + ".best_plan.json"), log_path):
+            p.unlink(missing_ok=True)
+        if init == "auto":
+            src, _ = seed_history(b)
+            shutil.copyfile(src, hist)  # the same evaluated seeds for every seeded arm and stream
     stdout, wall = run_cli(b, hist, ["--strategy", strategy, "--initial_samples", init, "--prior", prior, "--seed", str(seed),
                                      "--num_trials", str(trials)], workers)  # fmt: skip
     rows = read_history(hist).rows
+    if reuse and log_path.exists():  # the first run's output holds its timings
+        wall_text, stdout = log_path.read_text().split("\n", 1)
+        wall = float(wall_text)
+    elif reuse:  # a run from before logs were kept: its span from the history (its own trials: seeds were copied in)
+        own = [x for x in rows if x.source != "seed" and x.status != "rescored"]
+        first = min(x.timestamp - (x.quantize_s or 0) - (x.evaluate_s or 0) - (x.proposal_s or 0) for x in own)
+        wall = max(x.timestamp for x in rows) - first
+    else:
+        log_path.write_text(f"{wall}\n{stdout}")
     done = sorted((x for x in rows if x.status == "completed"), key=lambda x: x.timestamp)
     idle = re.search(r"worker idle waiting for proposals: ([0-9.]+)%", stdout)
     return {
@@ -219,8 +234,20 @@ def run_search(b: Bench, arm: str, seed: int, trials: int, workers: int = 1) -> 
         "wall_s": wall,
         "stdout": stdout,
         "history": str(hist),
-        "idle": float(idle.group(1)) if idle else None,
+        "idle": float(idle.group(1)) if idle else idle_from_history(rows),
     }
+
+
+def idle_from_history(rows: list[Any]) -> float | None:
+    """A one-worker search's idle share from its rows: the gaps between one trial's end and the next
+    one's start (end = the row's timestamp, start = end - apply - evaluate), over gaps plus busy time.
+    Used where the search's own figure (its summary line) was not kept."""
+    trials = sorted((x for x in rows if x.status in ("completed", "failed") and x.source != "seed"), key=lambda x: x.timestamp)
+    if len(trials) < 2:
+        return None
+    busy = sum((x.quantize_s or 0) + (x.evaluate_s or 0) for x in trials)
+    gaps = sum(max(0.0, (b.timestamp - (b.quantize_s or 0) - (b.evaluate_s or 0)) - a.timestamp) for a, b in zip(trials, trials[1:]))
+    return 100 * gaps / (gaps + busy)
 
 
 def run_result(b: Bench, run: dict[str, Any], exact_held: float | None) -> dict[str, Any]:
@@ -276,7 +303,7 @@ def run_result(b: Bench, run: dict[str, Any], exact_held: float | None) -> dict[
         "beats_seed": seed_held is not None and held < seed_held,
         "beats_exact": exact_held is not None and held < exact_held,
         "finalists": len(resc),
-        "rescore_s": float(val_s.group(1)) if val_s else None,
+        "rescore_s": float(val_s.group(1)) if val_s and float(val_s.group(1)) > 0 else sum(x.evaluate_s or 0 for x in resc),
         "trial_s_mean": statistics.mean((x.quantize_s or 0) + (x.evaluate_s or 0) for x in comp),
     }
 
@@ -553,11 +580,13 @@ def write_report(
         lines += ["", f"Calibration of the Thompson model on trials it had not yet seen ({len(cal)} trials): mean error "
                   f"{statistics.mean(err):+.4f} nats, mean absolute error {statistics.mean(abs(e) for e in err):.4f} nats, "
                   f"{within} of {len(z)} within 2 predicted sd, Spearman(predicted, measured) {rho:.3f}."]  # fmt: skip
-    if curves:
+    if any(curves.values()):
         marks = curve_marks(args.trials)
         lines += ["", "Best-so-far held-out perplexity after k trials (mean over runs):", "",
                   "| arm | " + " | ".join(f"k={k}" for k in marks) + " |", "|---|" + "---|" * len(marks)]  # fmt: skip
         for arm, cs in curves.items():
+            if not cs:
+                continue
             cells = [statistics.mean(c[min(k, len(c)) - 1] for c in cs) for k in marks]
             lines.append(f"| {arm} | " + " | ".join(f"{v:.2f}" for v in cells) + " |")
     if breakdown:
@@ -605,7 +634,7 @@ def write_report(
     (b.out / "BENCH.md").write_text(text)
     (b.out / "results.json").write_text(json.dumps({"meta": meta, "results": results, "curves": curves, "scaling": scaling}, indent=1))
     print(text)
-    if curves:
+    if any(curves.values()):
         import matplotlib
 
         matplotlib.use("Agg")

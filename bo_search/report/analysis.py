@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from bo_search.search.finalists import val_score
 from bo_search.search.history import OLD_TEST_SPLIT_FORMATS, HistoryRow, LoadedHistory, pareto_front, read_history
 from bo_search.types import UserError
 
@@ -269,8 +270,6 @@ def _validation_pick(
     """The search's final pick: among the finalists re-scored on the validation split (the latest
     validation size, within the limit), the best by the search's objective. Reported as its trial's
     row (or the rescored row of a uniform plan no trial evaluated)."""
-    from bo_search.search.finalists import val_score
-
     if not rescored:
         return best, best_why
     latest = max(rescored, key=lambda r: r.timestamp).val_tokens

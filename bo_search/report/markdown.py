@@ -12,6 +12,7 @@ from bo_search.report.baselines import CACHE_NAME, Evaluation
 from bo_search.report.bundle import ExportResult
 from bo_search.report.export import TORCHAO_APPLY
 from bo_search.report.plots import source_style
+from bo_search.search.finalists import val_score
 from bo_search.search.history import OLD_TEST_SPLIT_FORMATS
 from bo_search.types import QuantPlan
 
@@ -204,8 +205,6 @@ def _best_section(an: Analysis, ev: Evaluation | None, heldout: dict[int, float]
 
 def _finalists_section(an: Analysis) -> list[str]:
     """The finalists re-scored on the validation split, best first (what chose the final plan)."""
-    from bo_search.search.finalists import val_score
-
     if not an.rescored:
         return []
     objective = objective_of(an.rescored)

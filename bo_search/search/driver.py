@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bo_search.search.experiment import NOISY_METRICS, AxDriver, Goal
+from bo_search.search.experiment import AxDriver, Goal, ax_data
 from bo_search.search.history import HistoryRow, HistoryWriter
 from bo_search.types import QuantPlan, TrialResult
 
@@ -347,23 +347,6 @@ class Search:
         with self._lock:
             self.history.append(row)
         return row
-
-
-def ax_data(
-    metrics: Mapping[str, float], sems: Mapping[str, float], size_gb: float, strategy: str
-) -> dict[str, float | tuple[float, float | None]]:
-    """A trial's data for Ax. The NLL and KL standard errors are those of the damage across the
-    search windows (how far the score may sit from the plan's damage on other text): the Thompson
-    model takes them as each measurement's noise. GP keeps inferring one noise level for them, as
-    before (Ax's GP would treat given standard errors as the whole noise). Measured throughput
-    always carries its spread over repeats."""
-    data: dict[str, float | tuple[float, float | None]] = {}
-    for name, value in metrics.items():
-        sem = sems.get(name)
-        use_sem = sem is not None and math.isfinite(sem) and (name == "throughput" or (name in NOISY_METRICS and strategy == "thompson"))
-        data[name] = (value, sem) if use_sem else value
-    data["model_size_gb"] = (size_gb, 0.0)  # exact: zero noise is the truth here
-    return data
 
 
 def _default_metrics_to_row(res: TrialResult) -> dict[str, Any]:

@@ -7,14 +7,18 @@ Imports neither torch nor ray."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bo_search.search.history import HistoryRow
 from bo_search.search.strategies import DriverConfig, make_generation_strategy
 from bo_search.space import SearchSpace, ax_parameters, from_ax, to_ax
-from bo_search.types import UserError
+from bo_search.types import UserError, did_you_mean
+
+if TYPE_CHECKING:
+    from bo_search.search.runner import Setup
 
 
 @dataclass(frozen=True)
@@ -41,8 +45,6 @@ OBJECTIVES = ("kl", "nll")
 
 
 def check_objective(name: str) -> str:
-    from bo_search.types import did_you_mean
-
     if name not in OBJECTIVES:
         raise did_you_mean(name, OBJECTIVES, "--objective")
     return name
@@ -108,12 +110,27 @@ class AxDriver:
         self.client.mark_trial_abandoned(trial_index=index)
 
 
+def ax_data(
+    metrics: Mapping[str, float], sems: Mapping[str, float], size_gb: float, strategy: str
+) -> dict[str, float | tuple[float, float | None]]:
+    """A trial's data for Ax. The NLL and KL standard errors are those of the damage across the
+    search windows (how far the score may sit from the plan's damage on other text): the Thompson
+    model takes them as each measurement's noise. GP keeps inferring one noise level for them, as
+    before (Ax's GP would treat given standard errors as the whole noise). Measured throughput
+    always carries its spread over repeats."""
+    data: dict[str, float | tuple[float, float | None]] = {}
+    for name, value in metrics.items():
+        sem = sems.get(name)
+        use_sem = sem is not None and math.isfinite(sem) and (name == "throughput" or (name in NOISY_METRICS and strategy == "thompson"))
+        data[name] = (value, sem) if use_sem else value
+    data["model_size_gb"] = (size_gb, 0.0)  # exact: zero noise is the truth here
+    return data
+
+
 def attach_history(driver: AxDriver, rows: Sequence[HistoryRow]) -> int:
     """Attach every trial row of a history to a fresh experiment (completed with their metrics,
     infeasible with their exact size, failed and abandoned as such; rescored finalists are not
     trials). Returns the index offset for new rows."""
-    from bo_search.search.driver import ax_data
-
     trials = [r for r in rows if r.status != "rescored"]
     for row in trials:
         values = driver.space.encode(row.plan)
@@ -138,3 +155,22 @@ def attach_history(driver: AxDriver, rows: Sequence[HistoryRow]) -> int:
             driver.abandon(idx)
     next_index = max((r.trial_index for r in trials), default=-1) + 1
     return next_index - len(trials)
+
+
+def goal_text(goal: Goal) -> str:
+    if goal.multi:
+        return f"pareto {goal.objective}"
+    return f"{'min' if goal.minimize else 'max'} {goal.objective} s.t. {goal.constraint_metric} <= limit"
+
+
+def row_defaults(setup: Setup, goal: Goal, row_extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The columns every row of this search shares."""
+    return {
+        "search": goal.search,
+        "model_id": setup.ref.fingerprint,
+        "space_id": setup.space.fingerprint,
+        "goal": goal_text(goal),
+        "limit_metric": "" if goal.multi else goal.constraint_metric,
+        "limit": None if goal.multi else goal.limit,
+        **(row_extra or {}),
+    }

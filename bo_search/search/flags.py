@@ -6,6 +6,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from bo_search import cli
+from bo_search.search.finalists import DEFAULT_FINALISTS
 
 if TYPE_CHECKING:
     pass
@@ -67,8 +68,6 @@ def add_search_args(p: argparse.ArgumentParser, default_history: str, default_se
 
 def add_selection_args(p: argparse.ArgumentParser) -> None:
     """What a size-limited search minimises, and how its final plan is chosen."""
-    from bo_search.search.finalists import DEFAULT_FINALISTS
-
     g = p.add_argument_group("objective and final choice")
     g.add_argument(
         "--objective",

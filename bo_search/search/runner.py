@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from bo_search import cli, structure
 from bo_search.search.driver import Search, SearchStopped
-from bo_search.search.experiment import AxDriver, attach_history
+from bo_search.search.experiment import AxDriver, attach_history, row_defaults
 from bo_search.search.history import HistoryLock, HistoryRow, HistoryWriter, read_history
 from bo_search.search.strategies import DriverConfig, check_strategy
 from bo_search.sensitivity.table import Sensitivity
@@ -108,12 +108,6 @@ def check_history_sizes(path: Path, rows: list[Any], size_model: SizeModel) -> N
                 f"current size accounting (unquantized tensors at {size_model.fp_dtype}): it was written with another storage dtype "
                 "or scheme; pass the --fp_dtype/--zero_bits/--scale_dtype it was written with, or use a new --history_output"
             )
-
-
-def goal_text(goal: Goal) -> str:
-    if goal.multi:
-        return f"pareto {goal.objective}"
-    return f"{'min' if goal.minimize else 'max'} {goal.objective} s.t. {goal.constraint_metric} <= limit"
 
 
 def check_history_limit(setup: Setup, goal: Goal) -> None:
@@ -322,19 +316,6 @@ def _make_search(
         search.fallback = lambda: random_feasible(sizes, limit, rng)
         search.repair = lambda values: repair_to_budget(sizes, limit, values)
     return search
-
-
-def row_defaults(setup: Setup, goal: Goal, row_extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The columns every row of this search shares."""
-    return {
-        "search": goal.search,
-        "model_id": setup.ref.fingerprint,
-        "space_id": setup.space.fingerprint,
-        "goal": goal_text(goal),
-        "limit_metric": "" if goal.multi else goal.constraint_metric,
-        "limit": None if goal.multi else goal.limit,
-        **(row_extra or {}),
-    }
 
 
 def _run(search: Search, done: int) -> tuple[SearchStats, int]:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from bo_search import cli
 from bo_search.search.driver import search_score
+from bo_search.search.experiment import row_defaults
 from bo_search.search.finalists import FinalChoice, choose_final, describe, pending
 from bo_search.search.history import (
     FORMAT_VERSION,
@@ -146,8 +147,6 @@ def _final_choice(setup: Setup, goal: Goal, pool: WorkerPool | None, writer: His
     k = finalists_wanted(setup, goal)
     if not k or writer is None:
         return None
-    from bo_search.search.runner import row_defaults
-
     uniform = uniform_candidates(setup, goal)
     return choose_final(
         setup.history_path,
