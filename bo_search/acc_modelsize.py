@@ -73,6 +73,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(args: argparse.Namespace) -> int:
     setup = runner.prepare(args, "modelsize")
+    try:
+        return _search(setup, args)
+    finally:
+        setup.release()
+
+
+def _search(setup: runner.Setup, args: argparse.Namespace) -> int:
     limit = size_limit(setup, args.model_size_constraint, args.avg_bits)
     n = sum(li.numel for li in setup.layers.linears)
     avg = (limit * 8e9 - setup.size_model.other_bits) / n
@@ -82,6 +89,7 @@ def _main(args: argparse.Namespace) -> int:
     if limit >= setup.max_gb:
         print("note: every plan of the space fits this limit, so it does not bind")
     goal = Goal(objective="nll", minimize=True, constraint_metric="model_size_gb", limit=limit, search="modelsize")
+    runner.check_history_limit(setup, goal)  # before the seeds: 'auto' seeds cost a sensitivity pass
     seeds = seeding.seeds_for(setup, args.initial_samples, limit)
     return runner.run_search(setup, goal, seeds)
 

@@ -70,6 +70,8 @@ def _main(args: argparse.Namespace) -> int:
 
     if args.output:
         cli.check_output_path(args.output)
+    for path in args.config:  # read before the model loads: a bad file is one line at once
+        cli.load_plan_file(path)
     ctx = ModelContext.from_args(args, heldout=args.heldout_tokens > 0)
     configs = cli.collect_plans(args, ctx)
     rows = []
