@@ -197,28 +197,40 @@ def test_a_read_only_history_is_found_before_any_work(tmp_path):
 
 
 _RACER = """
-import sys, time
+import os, sys, time
+from pathlib import Path
 from bo_search.search.history import HistoryLock
 from bo_search.types import UserError
-start = float(sys.argv[2])
-time.sleep(max(0.0, start - time.time()))
+gate = Path(sys.argv[2])
+(gate / f"ready-{os.getpid()}").touch()
+while not (gate / "go").exists():  # every racer is ready: they all try at once
+    time.sleep(0.001)
 try:
     HistoryLock(sys.argv[1]).acquire()
     print("won", flush=True)
-    time.sleep(float(sys.argv[3]))
+    while not (gate / "release").exists():  # hold it until every loser has answered
+        time.sleep(0.01)
 except UserError as err:
     print("lost", err, flush=True)
 """
 
 
-def _race(history, n=6, hold_s=4.0):
-    """``n`` processes take the lock of ``history`` at the same instant; (pid, output) of each."""
-    start = time.time() + 2.0  # every racer has started and imported by then
-    procs = [
-        subprocess.Popen([sys.executable, "-c", _RACER, str(history), repr(start), repr(hold_s)], stdout=subprocess.PIPE, text=True)
-        for _ in range(n)
-    ]
-    return [(p.pid, p.communicate(timeout=120)[0].strip()) for p in procs]
+def _race(history, gate, n=6):
+    """``n`` processes take the lock of ``history`` at the same instant; (pid, answer) of each."""
+    gate.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(history), str(gate)], stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    try:
+        deadline = time.time() + 120
+        while len(list(gate.glob("ready-*"))) < n:
+            assert time.time() < deadline and all(p.poll() is None for p in procs), "a racer did not start"
+            time.sleep(0.01)
+        (gate / "go").touch()
+        answers = [(p.pid, p.stdout.readline().strip()) for p in procs]
+    finally:
+        (gate / "release").touch()
+        for p in procs:
+            p.communicate(timeout=60)
+    return answers
 
 
 @pytest.mark.parametrize("left_behind", ["nothing", "a dead process's lock", "an empty lock"])
@@ -232,7 +244,7 @@ def test_lock_taken_by_exactly_one_of_several_at_once(tmp_path, left_behind):
         (tmp_path / "h.csv.lock").write_text(f"{dead.pid}\n")
     elif left_behind == "an empty lock":
         (tmp_path / "h.csv.lock").write_text("")
-    results = _race(h)
+    results = _race(h, tmp_path.parent / f"{tmp_path.name}-gate")
     winners = [pid for pid, out in results if out == "won"]
     assert len(winners) == 1, results
     for pid, out in results:
