@@ -233,3 +233,31 @@ def test_trial_timeout_follows_the_flag_or_the_first_trials():
     assert trial_timeout(None, [1.0, 2.0, 3.0]) == TIMEOUT_FLOOR_S  # never below the floor
     assert trial_timeout(8.0, [1.0, 2.0, 3.0]) == 8.0  # --trial_timeout wins
     assert parse_trial_delay("") == (0.0, ()) and parse_trial_delay("1.5") == (1.5, ()) and parse_trial_delay("600@0,2") == (600.0, (0, 2))
+
+
+def test_cancel_all_really_stops_the_running_trial(ray_cluster, tiny_llama, monkeypatch):
+    """Issue 31, item 5: ``ray.cancel(force=True)`` raises for an actor task (and was swallowed), so the
+    'cancelled' trial kept running. Now the worker running it is gone."""
+    from bo_search.model import discover_layers, load_structure
+    from bo_search.search.workers import TEST_TRIAL_DELAY_ENV
+
+    monkeypatch.setenv(TEST_TRIAL_DELAY_ENV, "600")  # the trial sleeps: it is running when cancelled
+    model, _ = load_structure(str(tiny_llama))
+    plan = uniform_plan(discover_layers(model), LayerQuant(4, 32))
+    pool = WorkerPool(_cfg(tiny_llama), num_workers=1)
+    try:
+        [slot] = pool.idle()
+        pid = slot.info["pid"]
+        pool.submit(slot, 7, plan)
+        time.sleep(1.0)
+        assert pool.cancel_all() == [7] and not pool.busy()
+        deadline = time.time() + 30
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.time() < deadline, "the worker still runs the cancelled trial"
+            time.sleep(0.2)
+    finally:
+        pool.shutdown()
