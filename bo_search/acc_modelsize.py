@@ -78,6 +78,13 @@ def _main(args: argparse.Namespace) -> int:
     check_objective(args.objective)
     check_finalists(args.finalists, args.val_tokens)
     setup = runner.prepare(args, "modelsize")
+    try:
+        return _search(setup, args)
+    finally:
+        setup.release()
+
+
+def _search(setup: runner.Setup, args: argparse.Namespace) -> int:
     limit = size_limit(setup, args.model_size_constraint, args.avg_bits)
     n = sum(li.numel for li in setup.layers.linears)
     avg = (limit * 8e9 - setup.size_model.other_bits) / n
@@ -90,6 +97,7 @@ def _main(args: argparse.Namespace) -> int:
         splits = ("search", "validation") + (("test",) if args.heldout_tokens > 0 else ())
         check_splits(args.checkpoint, args.eval_text, splits, args.max_seqlen)
     goal = Goal(objective=args.objective, minimize=True, constraint_metric="model_size_gb", limit=limit, search="modelsize")
+    runner.check_history_limit(setup, goal)  # before the seeds: 'auto' seeds cost a sensitivity pass
     seeds = seeding.seeds_for(setup, args.initial_samples, limit)
     return runner.run_search(setup, goal, seeds)
 

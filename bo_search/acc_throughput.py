@@ -75,7 +75,7 @@ def parse_limit(spec: str) -> tuple[float, bool]:
     try:
         if s.endswith("%"):
             rel = float(s.rstrip("%")) / 100
-            if rel < 0:
+            if not rel >= 0 or not math.isfinite(rel):  # negative, nan or inf
                 raise ValueError
             return rel, True
         value = float(s)
@@ -93,8 +93,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from bo_search.throughput import layers_without_kernel
-
     value, relative = parse_limit(args.ppl_constraint)
     if args.throughput_model is None:
         args.throughput_model = "measured" if args.device.startswith("cuda") else "predicted"
@@ -110,6 +108,15 @@ def _main(args: argparse.Namespace) -> int:
     if args.parameters_list is None and args.checkpoint is None and THROUGHPUT_SPACE.is_file():
         args.parameters_list = str(THROUGHPUT_SPACE)
     setup = runner.prepare(args, "throughput")
+    try:
+        return _search(setup, args, value, relative)
+    finally:
+        setup.release()
+
+
+def _search(setup: runner.Setup, args: argparse.Namespace, value: float, relative: bool) -> int:
+    from bo_search.throughput import layers_without_kernel
+
     kind = args.throughput_model
     what = {
         "predicted": " (bytes read per token / measured memory bandwidth; not a timing)",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from bo_search.space import load_initial_samples, load_space
-from bo_search.types import FULL_PRECISION, GGML_TYPES, LayerQuant, QuantPlan, UserError
+from bo_search.types import FULL_PRECISION, GGML_TYPES, LayerQuant, QuantPlan, UserError, read_text_utf8
 
 if TYPE_CHECKING:
     from bo_search.trial import ModelContext
@@ -105,6 +106,7 @@ def run_main(fn: Callable[[argparse.Namespace], int], parser: argparse.ArgumentP
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     try:
+        check_finite(args)
         if hasattr(args, "device"):
             args.device = resolve_device(args.device)
         return fn(args)
@@ -114,6 +116,14 @@ def run_main(fn: Callable[[argparse.Namespace], int], parser: argparse.ArgumentP
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def check_finite(args: argparse.Namespace) -> None:
+    """Every number flag must be finite: ``nan`` passes every range check (all comparisons are
+    false), ``inf`` is no limit or timeout anyone means."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{name} {value}: expected a finite number")
 
 
 def check_output_path(path: str | Path) -> Path:
@@ -190,18 +200,23 @@ def parse_uniform(spec: str) -> Any:
     return LayerQuant(bits, gs, sym)
 
 
+def load_plan_file(path: str | Path) -> QuantPlan:
+    """A plan JSON (``--config``): a one-line UserError when it is missing, not UTF-8 or not a plan."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config file not found: {p}")
+    return QuantPlan.loads(read_text_utf8(p, "--config"))
+
+
 def collect_plans(args: argparse.Namespace, ctx: ModelContext) -> list[tuple[str, Any]]:
     """The (label, plan) pairs named by --config / --uniform / --sample (default: the standard table)."""
     from bo_search.quant import uniform_plan
 
     plans: list[tuple[str, Any]] = []
     for path in args.config:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"--config file not found: {p}")
-        plan = QuantPlan.loads(p.read_text(encoding="utf-8"))
+        plan = load_plan_file(path)
         ctx.applier.check(plan)
-        plans.append((p.name, plan))
+        plans.append((Path(path).name, plan))
     if args.sample:
         if not args.parameters_list:
             raise UserError("--sample needs --parameters_list SPACE.json")

@@ -102,6 +102,8 @@ def _main(args: argparse.Namespace) -> int:
 
     if args.output:
         cli.check_output_path(args.output)
+    for path in args.config:  # read before the model loads: a bad file is one line at once
+        cli.load_plan_file(path)
     if args.runtime == "llamacpp":
         return _main_llamacpp(args)
     if args.gguf:

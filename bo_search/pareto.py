@@ -41,6 +41,13 @@ def _main(args: argparse.Namespace) -> int:
     if args.max_ppl <= 1:
         raise UserError(f"--max_ppl must be above 1, got {args.max_ppl}")
     setup = runner.prepare(args, "pareto")
+    try:
+        return _search(setup, args)
+    finally:
+        setup.release()
+
+
+def _search(setup: runner.Setup, args: argparse.Namespace) -> int:
     size_thr = args.max_size_gb if args.max_size_gb is not None else setup.max_gb
     if size_thr <= setup.min_gb:
         raise UserError(f"--max_size_gb {size_thr:.6g} is not above the smallest plan of the space ({setup.min_gb:.6g} GB)")

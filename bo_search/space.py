@@ -41,7 +41,16 @@ from pathlib import Path
 from typing import Any
 
 from bo_search.model import ModelLayers
-from bo_search.types import GGML_TYPE_NAMES, PER_CHANNEL, LayerQuant, QuantPlan, UserError, ggml_check_type, ggml_effective_type
+from bo_search.types import (
+    GGML_TYPE_NAMES,
+    PER_CHANNEL,
+    LayerQuant,
+    QuantPlan,
+    UserError,
+    ggml_check_type,
+    ggml_effective_type,
+    read_text_utf8,
+)
 
 BITS_NAMES = ("bitwidth", "bits")
 GROUP_NAMES = ("groupsize", "group_size")
@@ -229,7 +238,7 @@ def load_space_json(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise UserError(f"parameter space file not found: {p}")
     try:
-        spec = json.loads(p.read_text(encoding="utf-8"))
+        spec = json.loads(read_text_utf8(p, "parameter space"))
     except json.JSONDecodeError as err:
         raise UserError(f"parameter space {p} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from err
     if not isinstance(spec, dict):
@@ -511,7 +520,7 @@ def load_initial_samples(path: str | Path, space: SearchSpace) -> list[dict[str,
     if not p.is_file():
         raise UserError(f"initial samples file not found: {p}")
     try:
-        obj = json.loads(p.read_text(encoding="utf-8"))
+        obj = json.loads(read_text_utf8(p, "initial samples"))
     except json.JSONDecodeError as err:
         raise UserError(f"initial samples {p} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from err
     samples = obj.get("initial_samples") if isinstance(obj, dict) else None

@@ -73,28 +73,37 @@ def measure_decode(model: Any, prompt: torch.Tensor, new_tokens: int = 64, repea
 
 
 class RealKernels:
-    """Swap a plan's layers to torchao quantized weights and back, on a model held by a worker."""
+    """Swap a plan's layers to torchao quantized weights and back, on a model held by a worker.
+
+    ``restore`` puts back the very Parameter objects the model held before ``apply`` (not copies):
+    a :class:`~bo_search.quant.PlanApplier` keeps references to them, so after a measured trial its
+    fake quantization and restore still write into the tensors the model runs."""
 
     def __init__(self, model: Any, layers: ModelLayers, originals: Any, device: str):
         self.model, self.layers, self.originals, self.device = model, layers, originals, device
-        self._swapped: list[str] = []
+        self._held: dict[str, torch.nn.Parameter] = {}  # fqn -> the Parameter the model held before apply
 
     def apply(self, plan: QuantPlan, scheme: Any) -> None:
         from torchao.quantization import quantize_
 
+        self.restore()
         cfg = torchao_fqn_config(plan, self.layers, self.device, scheme)
         modules = dict(self.model.named_modules())
         # quantize_ replaces weights; start from the exact originals (the model may hold fake-quant)
-        for fqn in cfg.fqn_to_config:
-            modules[fqn].weight = torch.nn.Parameter(self.originals(fqn).to(self.device).clone(), requires_grad=False)
-        quantize_(self.model, cfg, filter_fn=None)
-        self._swapped = list(cfg.fqn_to_config)
+        try:
+            for fqn in cfg.fqn_to_config:
+                self._held[fqn] = modules[fqn].weight
+                modules[fqn].weight = torch.nn.Parameter(self.originals(fqn).to(self.device).clone(), requires_grad=False)
+            quantize_(self.model, cfg, filter_fn=None)
+        except BaseException:
+            self.restore()
+            raise
 
     def restore(self) -> None:
         modules = dict(self.model.named_modules())
-        for fqn in self._swapped:
-            modules[fqn].weight = torch.nn.Parameter(self.originals(fqn).to(self.device).clone(), requires_grad=False)
-        self._swapped = []
+        for fqn, weight in self._held.items():
+            modules[fqn].weight = weight
+        self._held = {}
 
 
 def layers_without_kernel(plan: QuantPlan, device: str) -> list[str]:

@@ -20,6 +20,16 @@ class UserError(Exception):
     """A mistake in user input. The CLI prints it as one line and exits with status 2."""
 
 
+def read_text_utf8(path: Any, what: str) -> str:
+    """A user's text file (JSON spaces, samples, sensitivity tables, plans), a UserError naming it
+    when it is not UTF-8."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except UnicodeDecodeError as err:
+        raise UserError(f"{what} {path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+
+
 def did_you_mean(name: str, known: Any, what: str) -> UserError:
     """The error for an unknown registry name: the closest known one, else the whole list."""
     known = list(known)

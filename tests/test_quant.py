@@ -131,12 +131,17 @@ def test_uniform_avg_bits(tiny_ctx):
     assert rep.gb == rep.total_bytes / 1e9
 
 
-def test_tied_weights_counted_once(tiny_ctx):
+def test_tied_weights_counted_once(tiny_ctx, tiny_llama):
+    from bo_search.model import safetensors_float_bytes
+
     m = tiny_ctx.model
     assert m.lm_head.weight is m.model.embed_tokens.weight
     fp = tiny_ctx.size_model.report(QuantPlan()).total_bytes
-    n_unique = sum(p.numel() for p in m.parameters())  # parameters() yields tied tensors once
-    assert fp == n_unique * 4
+    # measured against the checkpoint file, which stores the tied tensor once (not against
+    # model.parameters(), which the accounting itself walks)
+    stored = sum(sum(safetensors_float_bytes(f).values()) for f in tiny_llama.glob("*.safetensors"))
+    assert fp == stored
+    assert fp + m.lm_head.weight.numel() * 4 != stored  # counting lm_head apart would be caught
 
 
 def test_torchao_fqn_config_applies(tiny_ctx):

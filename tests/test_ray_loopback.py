@@ -1,7 +1,9 @@
 """Prove that a local Ray cluster started the bo_search way makes no connection outside loopback.
 
-A small script applies ``bo_search.ray_env``, starts Ray with ``local_init_kwargs``, runs one actor
-that imports torch, and shuts Ray down, all under ``strace -f``. Every traced ``connect``,
+A small script starts what a search starts, the real way: a ``WorkerPool`` (``workers.start_ray``,
+which applies ``bo_search.ray_env``) with one real ``TrialWorker`` that loads a tiny model and runs
+one trial; then it shuts Ray down, all under ``strace -f``. The negative control starts Ray plainly
+(no ``ray_env``) with a stand-in actor that imports torch. Every traced ``connect``,
 ``sendto``, ``sendmsg``, ``sendmmsg`` and ``bind`` that carries an IP address must name loopback
 (127.0.0.0/8, ::1, ::ffff:127.x).
 
@@ -41,12 +43,26 @@ ACTOR_MARK = "ACTOR_RESULT"
 
 SCRIPT = f"""
 import sys
-import types
 
-from bo_search.ray_env import apply_loopback_env, local_init_kwargs
+if sys.argv[1] == "apply":  # what a search does: the pool starts Ray and a real worker
+    from bo_search.search.workers import WorkerPool
+    from bo_search.trial import EvalConfig
+    from bo_search.types import QuantPlan
 
-if sys.argv[1] == "apply":
-    apply_loopback_env()  # before `import ray`, as bo_search.search.workers does
+    cfg = EvalConfig(checkpoint=sys.argv[2], eval_text="pydoc", eval_tokens=64, heldout_tokens=0, max_seqlen=32)
+    pool = WorkerPool(cfg, num_workers=1, object_store_mb={OBJECT_STORE_BYTES // (1024 * 1024)})
+    try:
+        [slot] = pool.idle()
+        pool.submit(slot, 0, QuantPlan())
+        results = []
+        while not results:
+            results = pool.wait(timeout=1.0)
+        print("{ACTOR_MARK}", results[0].status, flush=True)
+    finally:
+        pool.shutdown()
+    sys.exit(0)
+
+from bo_search.ray_env import local_init_kwargs
 
 import ray
 
@@ -171,7 +187,9 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _run_traced(strace: str, script: Path, mode: str, isolation: Isolation | None, trace_file: Path) -> subprocess.CompletedProcess[str]:
+def _run_traced(
+    strace: str, script: Path, mode: str, isolation: Isolation | None, trace_file: Path, *script_args: str
+) -> subprocess.CompletedProcess[str]:
     traced = [
         strace,
         "-f",
@@ -183,6 +201,7 @@ def _run_traced(strace: str, script: Path, mode: str, isolation: Isolation | Non
         sys.executable,
         str(script),
         mode,
+        *script_args,
     ]
     if isolation is not None:
         command = [
@@ -256,12 +275,12 @@ def _describe(calls: list[TraceCall], limit: int = 40) -> str:
 
 
 @pytest.mark.slow
-def test_local_ray_stays_on_loopback(script: Path, isolation: Isolation | None, tmp_path: Path) -> None:
+def test_local_ray_stays_on_loopback(script: Path, isolation: Isolation | None, tmp_path: Path, tiny_llama: Path) -> None:
     strace = _require_strace()
     trace_file = tmp_path / "ray.strace"
-    result = _run_traced(strace, script, "apply", isolation, trace_file)
+    result = _run_traced(strace, script, "apply", isolation, trace_file, str(tiny_llama))
     where = isolation.description if isolation else "the normal network namespace"
-    assert result.returncode == 0 and f"{ACTOR_MARK} 6" in result.stdout, (
+    assert result.returncode == 0 and f"{ACTOR_MARK} completed" in result.stdout, (
         f"traced Ray script failed (exit {result.returncode}) in {where}; output:\n{result.stdout[-4000:]}"
     )
 
@@ -273,7 +292,7 @@ def test_local_ray_stays_on_loopback(script: Path, isolation: Isolation | None, 
         "did not capture Ray's traffic, so it proves nothing"
     )
     assert not bad, (
-        f"Ray, started with bo_search.ray_env in {where}, made {len(bad)} socket call(s) naming a "
+        f"Ray, started by a bo_search WorkerPool in {where}, made {len(bad)} socket call(s) naming a "
         f"non-loopback address (full trace: {trace_file}):\n{_describe(bad)}"
     )
 
@@ -338,7 +357,9 @@ def test_apply_loopback_env_refuses_after_ray_import(
     monkeypatch.setitem(sys.modules, "ray._private.ray_constants", stale)
     with pytest.raises(RuntimeError, match="before"):
         apply_loopback_env()
-    assert apply_loopback_env({}) is not None  # a separate mapping (child env) is always fine
+    child = {"X": "y"}
+    previous = apply_loopback_env(child)  # a separate mapping (a child's environment) is always fine
+    assert child == {**loopback_env(), "X": "y"} and previous == dict.fromkeys(loopback_env())
 
 
 def test_local_init_kwargs() -> None:

@@ -48,6 +48,18 @@ def run_cli(args, module="bo_search.acc_modelsize", timeout=600):
     return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout)
 
 
+def run_main(module, args):
+    """A command run in this process, as ``python -m module args`` would: (exit status, stdout, stderr)."""
+    import contextlib
+    import importlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = importlib.import_module(module).main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
 def test_end_to_end_two_workers_uneven(tiny_llama, tmp_path):
     space = tiny_space(tmp_path / "space.json")
     hist = tmp_path / "h.csv"
@@ -63,7 +75,7 @@ def test_end_to_end_two_workers_uneven(tiny_llama, tmp_path):
         if line.startswith("size limit "):
             limit = float(line.split()[2])
     assert limit is not None
-    assert all(x.model_size <= limit for x in evaluated)  # over-limit proposals are never evaluated
+    # (over-limit proposals are never evaluated: Thompson makes none, so test_gp_strategy_... asserts it)
     assert {x.worker_id.split("@")[0] for x in evaluated} == {"w0", "w1"}
     assert all(x.cal_PPL > 1 and x.quantize_s is not None for x in evaluated)
     assert "best feasible trial" in r.stdout and "held-out" in r.stdout
@@ -120,9 +132,17 @@ def test_resume_after_sigkill(tiny_llama, tmp_path):
     _kill_group(proc.pid)
     rows_before = read_history(hist, strict=False).rows
     completed_before = {x.trial_index: x for x in rows_before if x.status == "completed"}
+    # a row cut off mid-write is a last line without its newline: make one (unless the kill already did)
+    text = hist.read_text()
+    if text.endswith("\n"):
+        fragment = text.splitlines()[-1][:60]
+        hist.write_text(text + fragment)
+    else:
+        fragment = text[text.rfind("\n") + 1 :]
     r = run_cli(args)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming" in r.stdout
+    assert "its last row was cut off mid-write" in r.stderr and (tmp_path / "h.csv.torn-1").read_text() == fragment
     rows = read_history(hist).rows
 
     # every row written before the kill comes back unchanged and in order; only the held-out
@@ -146,46 +166,42 @@ def _kill_group(pid):
         pass
 
 
-def _interrupt_search(tiny_llama, tmp_path, attempt):
-    space = tiny_space(tmp_path / "space.json")
-    hist = tmp_path / f"h{attempt}.csv"
-    # many windows: a trial takes long enough that one is usually in flight when Ctrl-C lands
-    args = base_args(tiny_llama, space, hist, "--num_trials", "50", "--initial_samples", "none", "--eval_tokens", "4096")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bo_search.acc_modelsize", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline and not (hist.exists() and sum(1 for x in csv.DictReader(hist.open()) if x["status"] == "completed") >= 2):
-        time.sleep(0.2)
-    os.kill(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    _kill_group(proc.pid)
-    return proc.returncode, err, hist
-
-
 def test_ctrl_c_marks_abandoned_and_says_how_to_resume(tiny_llama, tmp_path):
-    for attempt in range(3):
-        code, err, hist = _interrupt_search(tiny_llama, tmp_path, attempt)
-        if code == 0:  # the interrupt landed outside Python (inside Ray's wait) and the tiny search ran to its end
-            continue
-        assert code == 130, err[-2000:]
-        assert "resume with the same command" in err
-        rows = read_history(hist).rows  # still a valid CSV
-        assert sum(x.status == "completed" for x in rows) >= 2
-        m = re.search(r"\((\d+) in-flight trial\(s\) marked abandoned in Ax and in the history\)", err)
-        assert m is not None, err[-2000:]
-        abandoned = [x for x in rows if x.status == "abandoned"]
-        # what Ax holds as abandoned is exactly what the CSV records, each with its reason
-        assert len(abandoned) == int(m.group(1)) <= 1
-        assert all(x.reason == "interrupted (Ctrl-C)" and x.cal_PPL is None for x in abandoned)
-        assert len({x.trial_index for x in rows}) == len(rows)
-        if abandoned:
-            return
-    pytest.skip("no trial was in flight in 3 interrupted searches (the tiny model's trials are milliseconds): not exercised here")
+    """Deterministic: trial 1 sleeps (the test delay hook), so it is in flight when Ctrl-C lands; a
+    swallowed interrupt leaves the search waiting on it and fails the test."""
+    from bo_search.search.workers import TEST_TRIAL_DELAY_ENV
+
+    space = tiny_space(tmp_path / "space.json")
+    hist = tmp_path / "h.csv"
+    args = base_args(tiny_llama, space, hist, "--num_trials", "3", "--initial_samples", "none")
+    out_f, err_f = tmp_path / "out.txt", tmp_path / "err.txt"
+    with open(out_f, "w") as out, open(err_f, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bo_search.acc_modelsize", *args],
+            stdout=out,
+            stderr=err,
+            env={**os.environ, TEST_TRIAL_DELAY_ENV: "600@1"},
+            start_new_session=True,
+        )
+    try:
+        deadline = time.time() + 300
+        while "trial 1: test delay" not in err_f.read_text():  # the worker says so as trial 1 starts sleeping
+            assert time.time() < deadline and proc.poll() is None, err_f.read_text()[-3000:]
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGINT)
+        try:
+            code = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            pytest.fail("Ctrl-C was swallowed: the search kept waiting on its in-flight trial")
+    finally:
+        _kill_group(proc.pid)
+    err = err_f.read_text()
+    assert code == 130, err[-2000:]
+    assert "resume with the same command" in err and "Traceback" not in err
+    assert "(1 in-flight trial(s) marked abandoned in Ax and in the history)" in err, err[-2000:]
+    rows = read_history(hist).rows  # still a valid CSV
+    assert [(x.trial_index, x.status) for x in rows] == [(0, "completed"), (1, "abandoned")]
+    assert rows[1].reason == "interrupted (Ctrl-C)" and rows[1].cal_PPL is None
 
 
 @pytest.mark.parametrize(
@@ -295,6 +311,14 @@ def test_corrupt_or_foreign_history_is_refused_and_kept(tiny_llama, tmp_path):
     old.write_text("trial_id,cal_PPL,model_size,config\n0,7.9,5.4,\"{'bitwidth.0.': 4}\"\n")
     r = run_cli(base_args(tiny_llama, space, old, "--num_trials", "4"))
     assert r.returncode == 2 and "not a bo_search history" in r.stderr
+    # another tool's CSV (issue 31): refused before anything writes to it, even with its last line like a torn row
+    for content in (b"trial_index,cal_PPL\n0,7.9\n", b"trial_index,cal_PPL\n0,7.9\n1,8.1"):
+        foreign = tmp_path / "foreign.csv"
+        foreign.write_bytes(content)
+        code, _, err = run_main("bo_search.acc_modelsize", base_args(tiny_llama, space, foreign, "--resume"))
+        assert code == 2 and "not a bo_search history" in err and err.count("\n") == 1
+        assert foreign.read_bytes() == content
+        assert not list(tmp_path.glob("foreign.csv?*"))  # no .torn-N, no temp file, no lock left
 
 
 def test_pareto_search_front(tiny_llama, tmp_path):
@@ -369,7 +393,8 @@ def test_gp_strategy_proposes_repairs_and_records_over_limit_rows(tiny_llama, tm
     for x in rows:
         if x.status == "completed":
             assert x.model_size <= limit and x.cal_PPL is not None and x.nll is not None
-    assert any(x.source == "repaired" for x in rows)
+    repaired = [x for x in rows if x.source == "repaired"]
+    assert repaired and all(x.status in ("completed", "failed") and x.model_size <= limit for x in repaired)  # re-checked
 
 
 def test_heldout_zero_skips_heldout_everywhere(tiny_llama, tmp_path):
@@ -411,6 +436,22 @@ def test_history_records_its_limit_and_refuses_another(tiny_llama, tmp_path):
     r = run_cli(args)
     assert r.returncode == 2 and "--change_limit" in r.stderr and r.stderr.strip().count("\n") == 0
     assert hist.read_bytes() == before
+    # issue 31: the weights' content and the evaluation settings are recorded on every row and
+    # checked on resume (in this process: the refusals come before any model or Ray work)
+    from bo_search.model import resolve_checkpoint
+
+    settings = json.loads(rows[0].eval_settings)
+    assert rows[0].weights_id == resolve_checkpoint(str(tiny_llama)).weights_id
+    assert settings["eval_tokens"] == 256 and settings["max_seqlen"] == 64 and settings["compute_dtype"] == "float32"
+    same_limit = base_args(tiny_llama, space, hist, "--num_trials", "3")
+    for flag, value, message in (
+        ("--eval_tokens", "128", "scored with --eval_tokens 256"),
+        ("--compute_dtype", "bfloat16", "--change_compute_dtype"),
+    ):
+        changed = [*same_limit, flag, value] if flag not in same_limit else [value if a == "256" else a for a in same_limit]
+        code, _, err = run_main("bo_search.acc_modelsize", changed)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+        assert hist.read_bytes() == before
     r = run_cli([*args, "--change_limit"])
     assert r.returncode == 0, r.stderr[-3000:]
     after = read_history(hist).rows
@@ -422,21 +463,136 @@ def test_history_records_its_limit_and_refuses_another(tiny_llama, tmp_path):
     assert f"{after[-1].limit:.6g}" in md
 
 
-def test_second_search_on_a_history_in_use_is_refused(tiny_llama, tmp_path):
+def test_two_searches_started_at_once_on_one_history(tiny_llama, tmp_path):
+    """One takes the history; the other exits 2 with one line naming the winner's process."""
     space = tiny_space(tmp_path / "space.json")
     hist = tmp_path / "h.csv"
     args = base_args(tiny_llama, space, hist, "--num_trials", "40", "--initial_samples", "none")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bo_search.acc_modelsize", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
-    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "bo_search.acc_modelsize", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for _ in range(2)
+    ]
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and not (tmp_path / "h.csv.lock").exists():
+        while all(p.poll() is None for p in procs):
+            assert time.time() < deadline, "neither search was refused"
             time.sleep(0.2)
-        r = run_cli(args)
-        assert r.returncode == 2 and f"in use by another search (process {proc.pid}" in r.stderr, r.stderr[-2000:]
-        assert r.stderr.strip().count("\n") == 0
+        [loser] = [p for p in procs if p.poll() is not None]
+        [winner] = [p for p in procs if p is not loser]
+        err = loser.stderr.read()
+        assert loser.returncode == 2 and f"in use by another search (process {winner.pid}," in err, err[-2000:]
+        assert err.strip().count("\n") == 0
+        assert winner.poll() is None  # the winner goes on
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        _kill_group(proc.pid)
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+            _kill_group(p.pid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 31: hangs, and one line for every ordinary mistake (in this process, through main(argv))
+# ---------------------------------------------------------------------------------------------
+
+
+def test_hung_trial_times_out_and_its_worker_is_replaced(tiny_llama, tmp_path, monkeypatch):
+    from bo_search.search.workers import TEST_TRIAL_DELAY_ENV
+
+    monkeypatch.setenv(TEST_TRIAL_DELAY_ENV, "600@0")  # trial 0 hangs
+    space = tiny_space(tmp_path / "space.json")
+    hist = tmp_path / "h.csv"
+    t0 = time.time()
+    code, out, err = run_main(
+        "bo_search.acc_modelsize",
+        base_args(tiny_llama, space, hist, "--num_trials", "3", "--initial_samples", "none", "--trial_timeout", "8"),
+    )
+    assert code == 0, err[-3000:]
+    assert time.time() - t0 < 300  # not the 600 s the trial would have slept
+    rows = read_history(hist).rows
+    assert [x.status for x in rows] == ["failed", "completed", "completed"]
+    assert rows[0].reason.startswith("timeout: trial ran over 8 s") and "was replaced" in rows[0].reason
+    assert "1 replacement worker(s) requested this run" in out
+
+
+def test_a_flag_mistake_costs_no_sensitivity_pass_and_no_ray(tiny_llama, tmp_path, monkeypatch):
+    """Flags are checked before FIT (--initial_samples auto) and before Ray starts."""
+    from bo_search.search.workers import ray_is_initialized
+
+    monkeypatch.setenv("BO_SEARCH_CACHE", str(tmp_path / "cache"))
+    space = tiny_space(tmp_path / "space.json")
+    hist = tmp_path / "h.csv"
+    args = base_args(tiny_llama, space, hist, "--initial_samples", "auto")
+    for extra, message in (
+        (["--strategy", "thomson"], "did you mean 'thompson'"),
+        (["--gpus", "all"], "the Ray cluster has no GPU"),
+        (["--ts_temper", "0"], "ts_temper"),
+        (["--trial_timeout", "0"], "--trial_timeout must be positive"),
+        (["--prior", str(tmp_path / "missing.json")], "--prior file not found"),
+        (["--avg_bits", "nan"], "--avg_bits nan: expected a finite number"),
+        (["--max_failure_rate", "nan"], "--max_failure_rate nan: expected a finite number"),
+    ):
+        code, _, err = run_main("bo_search.acc_modelsize", [*args, *extra])  # a repeated flag: the last one counts
+        assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, (extra, err)
+        assert not ray_is_initialized()
+    assert not hist.exists() and not (tmp_path / "cache" / "sensitivity").exists()
+
+
+def _latin1(path):
+    path.write_bytes('{"note": "caf\xe9"}'.encode("latin-1"))
+    return path
+
+
+def test_non_utf8_files_are_one_line(tiny_llama, tmp_path):
+    space = tiny_space(tmp_path / "space.json")
+    bad = _latin1(tmp_path / "bad.json")
+    hist = tmp_path / "h.csv"
+    cases = [
+        ("bo_search.acc_modelsize", base_args(tiny_llama, bad, hist), "parameter space"),
+        ("bo_search.acc_modelsize", base_args(tiny_llama, space, hist, "--initial_samples", str(bad)), "initial samples"),
+        (
+            "bo_search.acc_modelsize",
+            base_args(tiny_llama, space, hist, "--initial_samples", "none", "--prior", str(bad)),
+            "sensitivity file",
+        ),
+        ("bo_search.evaluate", ["--checkpoint", str(tiny_llama), "--eval_text", "pydoc", "--config", str(bad)], "--config"),
+    ]
+    for module, args, what in cases:
+        code, _, err = run_main(module, args)
+        assert code == 2 and f"{what} {bad} is not UTF-8 text" in err and err.count("\n") == 1, (what, err)
+
+
+def test_a_read_only_history_is_refused_before_ray(tiny_llama, tmp_path):
+    from test_history import make_read_only
+
+    from bo_search.search.history import HistoryWriter
+    from bo_search.search.workers import ray_is_initialized
+
+    space = tiny_space(tmp_path / "space.json")
+    hist = tmp_path / "h.csv"
+    HistoryWriter(hist).close()  # an empty history (header only)
+    undo = make_read_only(hist)
+    try:
+        code, _, err = run_main("bo_search.acc_modelsize", base_args(tiny_llama, space, hist, "--initial_samples", "none"))
+    finally:
+        undo()
+    assert code == 2 and "cannot write the history" in err and err.count("\n") == 1, err
+    assert not ray_is_initialized() and not (tmp_path / "h.csv.lock").exists()
+
+
+def test_a_full_disk_is_one_line_and_the_workers_stop(tiny_llama, tmp_path):
+    from bo_search.search.workers import ray_is_initialized
+
+    space = tiny_space(tmp_path / "space.json")
+    hist = tmp_path / "h.csv"
+    hist.symlink_to("/dev/full")  # every write fails with ENOSPC, as on a full disk
+    code, _, err = run_main("bo_search.acc_modelsize", base_args(tiny_llama, space, hist, "--initial_samples", "none"))
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "No space left on device" in errors[0] and "Traceback" not in err, err[-3000:]
+    assert not ray_is_initialized() and not (tmp_path / "h.csv.lock").exists()

@@ -372,6 +372,30 @@ def test_auto_seeds_compute_once_then_reuse_the_cache(tiny_llama, tmp_path, monk
     assert seeding.auto_seeds(setup, limit) == seeds
 
 
+def test_cache_is_keyed_by_the_weights_content(tiny_llama, tmp_path, monkeypatch):
+    """Issue 31, item 3: a retrained checkpoint of the same shape (same names and sizes) must not reuse
+    the table cached for the old weights."""
+    from test_identity import _retrained
+
+    from bo_search.sensitivity.cache import cached_sensitivity
+    from bo_search.sensitivity.cli import structure_setup
+
+    monkeypatch.setenv("BO_SEARCH_CACHE", str(tmp_path / "cache"))
+    other = _retrained(tiny_llama, tmp_path / tiny_llama.name)  # the same directory name: only the content differs
+
+    def table(ckpt):
+        args = argparse.Namespace(checkpoint=str(ckpt), parameters_list=None, eval_text="pydoc", max_seqlen=32, batch_size=4, device="cpu")
+        st = structure_setup(args)
+        return cached_sensitivity(st.eval_cfg, st.ref, st.layers, st.space, "fit", nsamples=2)
+
+    first, path, hit = table(tiny_llama)
+    assert not hit
+    assert table(tiny_llama)[1:] == (path, True)
+    retrained, other_path, hit = table(other)
+    assert not hit and other_path != path
+    assert retrained.scores != first.scores
+
+
 # ---------------------------------------------------------------------------------------------
 # The embedded model
 # ---------------------------------------------------------------------------------------------
@@ -394,8 +418,15 @@ def test_fit_on_real_model_is_cheap_and_its_allocation_is_sane(real_ctx):
 
     ctx = real_ctx
     space = load_space(EMBEDDED_SPACE, ctx.layers)
-    sens = compute(ctx, space, SensitivityConfig("fit", nsamples=2, seq_len=256))
-    assert sens.timings["gradients_ratio_to_eval_pass"] < 6  # about 3 forward-equivalents; CPU timing noise allowed
+    # cheap: one forward (and one backward) pass over the 2 windows, then the one evaluation pass the
+    # timing compares against; counted, not timed (a timing ratio fails under load)
+    calls = []
+    handle = ctx.model.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape), with_kwargs=True)
+    try:
+        sens = compute(ctx, space, SensitivityConfig("fit", nsamples=2, seq_len=256))
+    finally:
+        handle.remove()
+    assert [tuple(c) for c in calls] == [(2, 256), (2, 256)], calls
     assert all(v > 0 for v in sens.scores.values())
     tables = sens.slot_costs(space)
     assert all(t[(2, 64)] > t[(3, 64)] > t[(4, 64)] > t[(8, 64)] > 0 for t in tables)

@@ -67,7 +67,15 @@ def test_safetensors_headers_win_over_the_config(tmp_path):
 
 
 def test_gguf_sources_count_16_bits():
-    assert resolve_checkpoint(None).storage_dtype == "float16"
+    """The embedded GGUF's full-precision size is 2 bytes per weight it stores (its tensors counted
+    from the GGUF file itself, not from our model)."""
+    from bo_search.gguf_file import open_reader
+
+    ref = resolve_checkpoint(None)
+    model, _ = load_structure(None)
+    sm = SizeModel(model, discover_layers(model), fp_dtype=ref.storage_dtype)
+    stored_elements = sum(int(t.n_elements) for t in open_reader(ref.gguf).tensors)
+    assert sm.fp_dtype == "float16" and sm.report(QuantPlan()).total_bytes == 2 * stored_elements
 
 
 @pytest.mark.slow

@@ -112,11 +112,13 @@ def test_thompson_proposals_always_fit_and_are_new(with_prior):
         assert pick not in seen
         seen.append(pick)
         post = Posterior(problem, ThompsonConfig()).fit(seen, [problem.total(true, p) for p in seen])
-    # the perplexity-limited form: every proposal's *sampled* loss meets the limit; the sweep stays in range
+    # the perplexity-limited form: every proposal's *sampled* loss meets the limit, a limit that binds
+    # (the smallest plan's loss is about 1.4), so it buys bits; the sweep stays in range
     lo, hi = sum(min(b) for b in problem.budget), sum(max(b) for b in problem.budget)
     for _ in range(5):
-        pick, pred = propose(post, Acquisition("loss", math.log(20.0)), rng, exclude=seen)
+        pick, pred = propose(post, Acquisition("loss", 0.35), rng, exclude=seen)
         assert pick not in seen
+        assert pred <= 0.35 + 1e-9 and problem.total(problem.budget, pick) > lo
         pick, _ = propose(post, Acquisition("sweep", 0.0), rng, exclude=seen)
         assert lo <= problem.total(problem.budget, pick) <= hi
 

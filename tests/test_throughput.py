@@ -10,7 +10,7 @@ from bo_search.types import LayerQuant, QuantPlan, UserError
 def test_parse_limit():
     assert parse_limit("7.5") == (7.5, False)
     assert parse_limit("+3%") == pytest.approx((0.03, True))
-    for bad in ("abc", "0.5", "-3%"):
+    for bad in ("abc", "0.5", "-3%", "nan", "+nan%", "inf%"):
         with pytest.raises(UserError, match="--ppl_constraint"):
             parse_limit(bad)
 
@@ -34,6 +34,7 @@ def test_real_kernels_cpu_equal_fake_quant_and_restore(tiny_ctx):
     fake = perplexity(ctx.model, ctx.search_windows).nll
     ctx.applier.restore()
     before = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+    held = _linear_weights(ctx)
     rk = RealKernels(ctx.model, ctx.layers, ctx.applier.original, "cpu")
     rk.apply(plan, ctx.scheme)
     w = dict(ctx.model.named_modules())[ctx.layers.linears[0].fqn].weight
@@ -43,6 +44,41 @@ def test_real_kernels_cpu_equal_fake_quant_and_restore(tiny_ctx):
     assert real == pytest.approx(fake, rel=1e-5)
     after = ctx.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # the very Parameter objects come back (the PlanApplier of the shared fixture writes into them)
+    assert all(w is held[f] for f, w in _linear_weights(ctx).items())
+
+
+def _linear_weights(ctx):
+    modules = dict(ctx.model.named_modules())
+    return {li.fqn: modules[li.fqn].weight for li in ctx.layers.linears}
+
+
+def test_after_a_measured_trial_heldout_evaluates_the_quantized_model(tiny_ctx):
+    """Issue 31, item 1: a measured trial swaps real kernels in and out; afterwards held-out
+    evaluation (``measure``) must still quantize the model that runs, not tensors it dropped."""
+    import dataclasses
+
+    ctx = tiny_ctx
+    plan = uniform_plan(ctx.layers, LayerQuant(4, 32))
+    held, values = _linear_weights(ctx), {k: v.clone() for k, v in ctx.model.state_dict().items()}
+    fp = ctx.measure(QuantPlan(), heldout=True)["ppl_heldout"]
+    fake = ctx.measure(plan, heldout=True)["ppl_heldout"]
+    assert abs(fake - fp) > 1e-3 * fp  # 4-bit quantization changes the number (else the test proves nothing)
+    cfg = ctx.cfg
+    ctx.cfg = dataclasses.replace(cfg, throughput_model="measured", decode_tokens=2, prompt_tokens=8, decode_repeats=2)
+    try:
+        res = ctx.run_trial(0, plan)
+        assert res.ok and res.metrics["throughput"] > 0, res.reason
+        after_trial = ctx.measure(plan, heldout=True)["ppl_heldout"]
+    finally:
+        ctx.cfg = cfg
+        ctx.safe_restore()
+    assert after_trial == pytest.approx(fake, rel=1e-5)  # IntxWeightOnly kernels on CPU match fake quant
+    assert abs(after_trial - fp) > 1e-3 * fp
+    # the shared fixture is left as it was found: the same Parameter objects holding the same values
+    assert all(w is held[f] for f, w in _linear_weights(ctx).items())
+    now = ctx.model.state_dict()
+    assert all(torch.equal(values[k], now[k]) for k in values)
 
 
 def test_decode_timing_path(tiny_ctx):

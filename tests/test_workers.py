@@ -35,8 +35,25 @@ class FlakyWorker(TrialWorker):
 
 @pytest.fixture(autouse=True)
 def _reset_marker():
-    if os.path.exists(FlakyWorker.MARKER):
-        os.remove(FlakyWorker.MARKER)
+    for marker in (FlakyWorker.MARKER, CannotRestart.MARKER):
+        if os.path.exists(marker):
+            os.remove(marker)
+
+
+class CannotRestart(TrialWorker):
+    """Starts once; its first trial kills the worker; every replacement then fails to load."""
+
+    MARKER = os.path.join(tempfile.gettempdir(), f"bo_search_norestart_{os.getpid()}")
+    node_loss_grace_s = 2.0
+
+    def load(self):
+        if os.path.exists(self.MARKER):
+            raise RuntimeError("injected start failure")
+        return super().load()
+
+    def run(self, trial_index, plan_json):
+        open(self.MARKER, "w").close()
+        os._exit(1)
 
 
 class AlwaysFails(TrialWorker):
@@ -163,4 +180,84 @@ def test_max_failure_rate_stops_search(ray_cluster, tiny_llama, tmp_path, capsys
     rows = read_history(tmp_path / "h.csv").rows
     assert all(r.status in ("failed", "abandoned", "infeasible") for r in rows)
     assert any("out of memory (injected)" in r.reason for r in rows)
-    assert sum(r.status == "failed" for r in rows) < 20
+    # one worker: the search stops at the first check that can fire, 4 evaluated trials, all failed
+    assert sum(r.status == "failed" for r in rows) == 4 and not any(r.status == "abandoned" for r in rows)
+
+
+def _modelsize_goal(setup):
+    from bo_search.acc_modelsize import size_limit
+    from bo_search.search.experiment import Goal
+
+    return Goal("nll", True, "model_size_gb", size_limit(setup, None, 5.0), "modelsize")
+
+
+def test_workers_that_cannot_start_stop_the_search(ray_cluster, tiny_llama, tmp_path, capsys):
+    """Issue 31, item 4: a replacement that keeps failing to start is not respawned forever."""
+    from bo_search.search import runner
+    from bo_search.search.history import read_history
+    from bo_search.search.workers import MAX_START_FAILURES
+
+    setup = runner.prepare(_search_args(tiny_llama, tmp_path, 5), "modelsize")
+    assert runner.run_search(setup, _modelsize_goal(setup), [], worker_cls=CannotRestart) == 3
+    err = capsys.readouterr().err
+    assert f"search stopped: {MAX_START_FAILURES} worker starts failed in a row" in err and "injected start failure" in err
+    rows = read_history(tmp_path / "h.csv").rows
+    assert [r.status for r in rows] == ["failed"] and "died" in rows[0].reason
+
+
+def test_a_failing_proposal_step_is_one_line(ray_cluster, tiny_llama, tmp_path, monkeypatch):
+    """Issue 31, item 8: an exception of Ax (or of a strategy) in the proposal thread is a UserError
+    (one line, exit 2 from the CLI), the history intact and the workers stopped."""
+    from bo_search.search import runner
+    from bo_search.search.experiment import AxDriver
+    from bo_search.search.history import read_history
+    from bo_search.search.workers import ray_is_initialized
+    from bo_search.types import UserError
+
+    def propose(self):
+        raise ValueError("injected Ax failure\nsecond line")
+
+    monkeypatch.setattr(AxDriver, "propose", propose)
+    setup = runner.prepare(_search_args(tiny_llama, tmp_path, 3), "modelsize")
+    with pytest.raises(UserError, match=r"the proposal step failed \(ValueError: injected Ax failure\)") as err:
+        runner.run_search(setup, _modelsize_goal(setup), [])
+    assert "\n" not in str(err.value)
+    assert read_history(tmp_path / "h.csv").rows == [] and not ray_is_initialized()
+
+
+def test_trial_timeout_follows_the_flag_or_the_first_trials():
+    from bo_search.search.workers import TIMEOUT_FLOOR_S, TIMEOUT_UNMEASURED_S, parse_trial_delay, trial_timeout
+
+    assert trial_timeout(None, []) == trial_timeout(None, [1.0, 2.0]) == TIMEOUT_UNMEASURED_S  # not measured yet
+    assert trial_timeout(None, [1.0, 50.0, 2.0, 100.0]) == 500.0  # 10x the slowest of the first 3, later ones ignored
+    assert trial_timeout(None, [1.0, 2.0, 3.0]) == TIMEOUT_FLOOR_S  # never below the floor
+    assert trial_timeout(8.0, [1.0, 2.0, 3.0]) == 8.0  # --trial_timeout wins
+    assert parse_trial_delay("") == (0.0, ()) and parse_trial_delay("1.5") == (1.5, ()) and parse_trial_delay("600@0,2") == (600.0, (0, 2))
+
+
+def test_cancel_all_really_stops_the_running_trial(ray_cluster, tiny_llama, monkeypatch):
+    """Issue 31, item 5: ``ray.cancel(force=True)`` raises for an actor task (and was swallowed), so the
+    'cancelled' trial kept running. Now the worker running it is gone."""
+    from bo_search.model import discover_layers, load_structure
+    from bo_search.search.workers import TEST_TRIAL_DELAY_ENV
+
+    monkeypatch.setenv(TEST_TRIAL_DELAY_ENV, "600")  # the trial sleeps: it is running when cancelled
+    model, _ = load_structure(str(tiny_llama))
+    plan = uniform_plan(discover_layers(model), LayerQuant(4, 32))
+    pool = WorkerPool(_cfg(tiny_llama), num_workers=1)
+    try:
+        [slot] = pool.idle()
+        pid = slot.info["pid"]
+        pool.submit(slot, 7, plan)
+        time.sleep(1.0)
+        assert pool.cancel_all() == [7] and not pool.busy()
+        deadline = time.time() + 30
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.time() < deadline, "the worker still runs the cancelled trial"
+            time.sleep(0.2)
+    finally:
+        pool.shutdown()

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bo_search.types import LayerQuant, QuantPlan, UserError, ggml_effective_type
+from bo_search.types import LayerQuant, QuantPlan, UserError, ggml_effective_type, read_text_utf8
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def load_torchao_config(path: str | Path) -> Any:
     if not p.is_file():
         raise UserError(f"torchao config not found: {p}")
     try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
+        doc = json.loads(read_text_utf8(p, "torchao config"))
     except json.JSONDecodeError as err:
         raise UserError(f"{p} is not valid JSON ({err})") from err
     if not isinstance(doc, dict) or doc.get("format") != TORCHAO_FORMAT or "torchao" not in doc:

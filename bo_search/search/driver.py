@@ -21,6 +21,7 @@ How a search runs
 
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import signal
@@ -32,7 +33,9 @@ from typing import Any, Protocol
 
 from bo_search.search.experiment import AxDriver, Goal, ax_data
 from bo_search.search.history import HistoryRow, HistoryWriter
-from bo_search.types import QuantPlan, TrialResult
+from bo_search.types import QuantPlan, TrialResult, UserError
+
+log = logging.getLogger(__name__)
 
 
 class Pool(Protocol):
@@ -155,6 +158,9 @@ class Search:
                     self._record(prop, "infeasible", reason=f"size {prop.size_gb:.6g} GB over the limit; not evaluated")
                     self.stats.infeasible += 1
                     fixed = self.repair(prop.values) if self.repair is not None else None
+                    if fixed is not None and self.size_gb(self.driver.space.decode(fixed)) > self.driver.goal.limit:
+                        log.warning("trial %d: its repaired plan is still over the limit (exact size); not evaluated", prop.index)
+                        fixed = None
                     if fixed is None:
                         streak += 1
                         if streak >= self.max_infeasible_streak:
@@ -243,13 +249,13 @@ class Search:
                 self.stats.abandoned += 1
             raise
         finally:
+            self._stop.set()  # whatever ended the loop, the proposal thread ends too
             if old_handler is not None:
                 signal.signal(signal.SIGINT, old_handler)
-        self._stop.set()
         thread.join(timeout=600)
         self._drain_results()
         if self._error is not None:
-            raise self._error
+            raise _one_line(self._error)
         return self.stats
 
     def _main_loop(self) -> None:
@@ -277,6 +283,12 @@ class Search:
                 return
             if self._stop.is_set() and not self.pool.busy() and self._ready.empty():
                 return
+            broken = getattr(self.pool, "broken", "")
+            if broken:
+                self._stop_with(broken)
+                for idx in self.pool.cancel_all():
+                    self._record(self._inflight.pop(idx), "abandoned", reason="search stopped: workers cannot start")
+                raise SearchStopped(broken)
             unplaced = getattr(self.pool, "unplaced_s", None)
             if unplaced is not None and not self.pool.busy() and (waited := unplaced()) > self.placement_timeout:
                 self._stop_with(
@@ -347,6 +359,19 @@ class Search:
         with self._lock:
             self.history.append(row)
         return row
+
+
+def _one_line(err: BaseException) -> BaseException:
+    """An error of the proposal thread (Ax, BoTorch, a strategy) as the one line the CLI prints, the
+    traceback logged (shown with -v); a UserError or an interrupt passes as it is."""
+    if isinstance(err, UserError | KeyboardInterrupt | SearchStopped) or not isinstance(err, Exception):
+        return err
+    log.info("the proposal thread failed", exc_info=err)
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    return UserError(
+        f"the proposal step failed ({type(err).__name__}: {first}); every finished trial is in the history: "
+        "run the same command to resume (-v shows the traceback)"
+    )
 
 
 def _default_metrics_to_row(res: TrialResult) -> dict[str, Any]:

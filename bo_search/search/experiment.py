@@ -172,5 +172,6 @@ def row_defaults(setup: Setup, goal: Goal, row_extra: dict[str, Any] | None = No
         "goal": goal_text(goal),
         "limit_metric": "" if goal.multi else goal.constraint_metric,
         "limit": None if goal.multi else goal.limit,
+        **setup.identity,
         **(row_extra or {}),
     }

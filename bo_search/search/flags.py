@@ -55,6 +55,12 @@ def add_search_args(p: argparse.ArgumentParser, default_history: str, default_se
         action="store_true",
         help="continue a history that was searched under another limit (each row records the limit it was written under)",
     )
+    g.add_argument(
+        "--change_compute_dtype",
+        action="store_true",
+        help="continue a history evaluated in another compute dtype (its perplexities differ slightly; each row records its "
+        "dtype). Another --eval_text, --eval_tokens, --max_seqlen or --mse_clip, or other weights, is always refused",
+    )
     g.add_argument("--seed", type=int, default=0, help="random seed for Ax and the proposal strategy (default 0)")
     g.add_argument(
         "--max_failure_rate", type=float, default=0.5, help="stop when more than this fraction of evaluated trials failed (default 0.5)"
@@ -132,6 +138,15 @@ def _add_worker_args(p: argparse.ArgumentParser) -> None:
         default=600.0,
         metavar="S",
         help="stop when no worker can be placed on the cluster for this many seconds (default 600)",
+    )
+    w.add_argument(
+        "--trial_timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds a trial may run before it is recorded failed ('timeout') and its worker replaced (default: 10x the "
+        "slowest of the first 3 trials, at least 300 s; 3600 s until they finish). Held-out evaluations get as long "
+        "per held-out/search token ratio; a replacement worker that fails to start 3 times in a row stops the search",
     )
     w.add_argument(
         "--threads_per_worker",

@@ -7,18 +7,20 @@ add ours. The plan is one JSON column, ``quant_config`` (never a Python repr).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from bo_search.cli import check_output_path
+from bo_search.search.lock import HistoryLock  # noqa: F401  (imported from here by the runner and tests)
 from bo_search.types import QuantPlan, UserError
 
 FORMAT_VERSION = "bo_search.history/3"
@@ -68,6 +70,8 @@ class HistoryRow:
     search: str = ""  # modelsize | throughput | pareto
     model_id: str = ""
     space_id: str = ""
+    weights_id: str = ""  # content fingerprint of the weight files ("" = not recorded: an older history)
+    eval_settings: str = ""  # JSON: the settings perplexities depend on (see search/identity.py; "" = not recorded)
     goal: str = ""  # e.g. "min nll s.t. model_size_gb <= limit"
     limit_metric: str = ""  # model_size_gb | ppl | "" (Pareto: none)
     limit: float | None = None  # the limit in force when the row was written (GB or perplexity)
@@ -83,6 +87,13 @@ COLUMNS = [f.name for f in fields(HistoryRow)]
 _FLOATS = {f.name for f in fields(HistoryRow) if "float" in str(f.type)}
 _OPTIONAL_INTS = {f.name for f in fields(HistoryRow) if str(f.type) == "int | None"}
 _REQUIRED = {"trial_index", "status", "quant_config"}
+#: the csv module's default field limit (131,072 characters) is a plan of about 1,650 layers
+_FIELD_LIMIT = 2**31 - 1
+
+
+def _allow_long_fields() -> None:
+    if csv.field_size_limit() < _FIELD_LIMIT:
+        csv.field_size_limit(_FIELD_LIMIT)
 
 
 class HistoryWriter:
@@ -92,37 +103,81 @@ class HistoryWriter:
         self.path = Path(path)
         new = not self.path.exists() or self.path.stat().st_size == 0
         check_output_path(self.path)
-        if not new:
-            upgrade_header(self.path)
-        self._fh = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115  (kept open for the search)
-        self._writer = csv.DictWriter(self._fh, fieldnames=COLUMNS)
-        if new:
-            self._writer.writeheader()
-            self._sync()
+        self._fh: Any = None
+        try:
+            with _write_errors(self.path):
+                if not new:
+                    upgrade_header(self.path)
+                self._fh = open(self.path, "a", newline="", encoding="utf-8")  # noqa: SIM115  (kept open for the search)
+                self._writer = csv.DictWriter(self._fh, fieldnames=COLUMNS)
+                if new:
+                    self._writer.writeheader()
+                    self._sync()
+        except UserError:
+            if self._fh is not None:
+                with contextlib.suppress(OSError):
+                    self._fh.close()  # its buffered header cannot be written either; the file is closed anyway
+            raise
 
     def append(self, row: HistoryRow) -> None:
-        self._writer.writerow({k: ("" if v is None else v) for k, v in asdict(row).items()})
-        self._sync()
+        with _write_errors(self.path):
+            self._writer.writerow({k: ("" if v is None else v) for k, v in asdict(row).items()})
+            self._sync()
 
     def _sync(self) -> None:
         self._fh.flush()
         os.fsync(self._fh.fileno())
 
     def close(self) -> None:
-        self._fh.close()
+        """Close the file; a failing close (the last flush on a full disk) is a UserError, after the
+        file handle is released."""
+        try:
+            self._fh.close()
+        except OSError as err:
+            raise UserError(_write_error_text(self.path, err)) from None
+
+
+@contextlib.contextmanager
+def _write_errors(path: Path) -> Iterator[None]:
+    """An OSError while writing the history (disk full, read-only, quota) -> one-line UserError."""
+    try:
+        yield
+    except OSError as err:
+        raise UserError(_write_error_text(path, err)) from None
+
+
+def _write_error_text(path: Path, err: OSError) -> str:
+    return (
+        f"cannot write the history {path} ({err.strerror or err}); every row written before is kept: "
+        "free space or fix the permissions, then run the same command to resume"
+    )
+
+
+def check_writable(path: Path) -> None:
+    """A one-line UserError now, before any work, when the history could not be written later: an
+    existing file is opened for appending (nothing is written), a new one's directory is checked."""
+    try:
+        if path.exists():
+            with open(path, "a", encoding="utf-8"):
+                pass
+        elif not os.access(path.parent, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as err:
+        raise UserError(
+            f"cannot write the history {path} ({err.strerror or err}); pick another --history_output or fix its permissions"
+        ) from None
 
 
 def upgrade_header(path: Path) -> bool:
     """Rewrite a history whose header is not today's columns (an older format) with today's header,
     every row kept as it was (new columns empty): temp file, fsync, rename. True if it was rewritten."""
+    _allow_long_fields()
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
         if list(header) == COLUMNS:
             return False
-        unknown = [h for h in header if h not in COLUMNS]
-        if unknown:
-            raise UserError(f"history {path} has a column this version does not know ({unknown[0]!r}); it was written by a newer bo_search")
+        _refuse_unknown_columns(path, header)
         rows = list(reader)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w", newline="", encoding="utf-8") as fh:
@@ -133,61 +188,15 @@ def upgrade_header(path: Path) -> bool:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    print(f"history {path}: upgraded to {FORMAT_VERSION} (new columns added, empty for the old rows; rows unchanged)", flush=True)
+    added = [c for c in COLUMNS if c not in header]
+    print(f"history {path}: upgraded to {FORMAT_VERSION} (column(s) {', '.join(added)} added; rows unchanged)", flush=True)
     return True
 
 
-class HistoryLock:
-    """One writer per history: ``HISTORY.lock`` holds the writer's process id; a second search
-    refuses with the holder's pid; a lock left by a dead process is taken over."""
-
-    def __init__(self, history: str | os.PathLike[str]):
-        self.path = Path(str(history) + ".lock")
-        self.held = False
-
-    def acquire(self) -> HistoryLock:
-        import atexit
-
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                pid = _lock_pid(self.path)
-                if pid is not None and _alive(pid):
-                    raise UserError(
-                        f"history {self.path.with_suffix('')} is in use by another search (process {pid}, lock {self.path}); "
-                        "wait for it to finish or use another --history_output"
-                    ) from None
-                self.path.unlink(missing_ok=True)  # its holder is gone: recover it
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(f"{os.getpid()}\n")
-            self.held = True
-            atexit.register(self.release)
-            return self
-        raise UserError(f"cannot take the lock {self.path}; remove it if no search is running")
-
-    def release(self) -> None:
-        if self.held and _lock_pid(self.path) == os.getpid():
-            self.path.unlink(missing_ok=True)
-        self.held = False
-
-
-def _lock_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _refuse_unknown_columns(path: Path, header: Sequence[str]) -> None:
+    unknown = [h for h in header if h not in COLUMNS]
+    if unknown:
+        raise UserError(f"history {path} has a column this version does not know ({unknown[0]!r}); it was written by a newer bo_search")
 
 
 @dataclass(frozen=True)
@@ -200,50 +209,81 @@ def read_history(path: str | os.PathLike[str], strict: bool = True, repair_tail:
     """Read a history CSV. ``strict``: a corrupt row is a UserError naming its line (for resume);
     otherwise corrupt rows are skipped and listed (for reports).
 
-    ``repair_tail`` (resume): a corrupt *last* record is a row cut off mid-write by a killed search.
-    It is moved to a side file (``HISTORY.torn-N``, never overwriting one) with a one-line warning,
-    the file keeps every complete row (rewritten atomically), and the trial runs again. A corrupt
-    row anywhere else is still an error."""
+    ``repair_tail`` (resume, the history's writer): a last line without its newline that does not
+    parse is a row cut off mid-write by a killed search. It is moved to a side file
+    (``HISTORY.torn-N``, never overwriting one) with a one-line warning, the file keeps every
+    complete row (rewritten atomically), and the trial runs again. Nothing is written before the
+    header says the file is a bo_search history; a corrupt row anywhere else, the last complete
+    line included, is an error and the file is left as it is."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"history file not found: {p}")
+    _allow_long_fields()
+    _check_header(p, writer=repair_tail)
     if repair_tail:
         _set_aside_torn_tail(p)
     rows: list[HistoryRow] = []
     skipped: list[tuple[int, str]] = []
     with open(p, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
-        if not header:
-            raise UserError(f"history {p} is empty")
-        missing = _REQUIRED - set(header)
-        if missing:
+        try:
+            for raw in reader:
+                line = reader.line_num
+                try:
+                    rows.append(_parse_row(raw))
+                except (ValueError, TypeError, KeyError, UserError) as err:
+                    msg = f"history {p} line {line} is corrupt ({err})"
+                    if strict:
+                        raise UserError(msg + "; fix or delete that line, or start a new --history_output") from None
+                    skipped.append((line, str(err)))
+        except (csv.Error, UnicodeDecodeError) as err:
             raise UserError(
-                f"history {p} is not a bo_search history (no column {sorted(missing)[0]!r}); "
-                "histories of the original torchao tool hold Python reprs and cannot be resumed: start a new --history_output"
-            )
-        for raw in reader:
-            line = reader.line_num
-            try:
-                rows.append(_parse_row(raw))
-            except (ValueError, TypeError, KeyError, UserError) as err:
-                msg = f"history {p} line {line} is corrupt ({err})"
-                if strict:
-                    raise UserError(msg + "; fix or delete that line, or start a new --history_output") from None
-                skipped.append((line, str(err)))
+                f"history {p} cannot be read as CSV after line {reader.line_num} ({err}); start a new --history_output"
+            ) from None
     return LoadedHistory(rows, skipped)
 
 
+def _check_header(p: Path, writer: bool) -> list[str]:
+    """The header row, checked before anything else touches the file: a UserError when the file is
+    not UTF-8 text, empty, or not a bo_search history (``writer``: nor one with columns unknown to
+    this version, which the writer would have to rewrite)."""
+    try:
+        with open(p, newline="", encoding="utf-8") as fh:
+            header = next(csv.reader(fh), [])
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"history {p} is not a bo_search history (not UTF-8 text: {err.reason} at byte {err.start}); use a new --history_output"
+        ) from None
+    except csv.Error as err:
+        raise UserError(f"history {p} is not a bo_search history (its first line is not CSV: {err}); use a new --history_output") from None
+    if not header:
+        raise UserError(f"history {p} is empty")
+    missing = _REQUIRED - set(header)
+    if missing:
+        raise UserError(
+            f"history {p} is not a bo_search history (no column {sorted(missing)[0]!r}); "
+            "histories of the original torchao tool hold Python reprs and cannot be resumed: start a new --history_output"
+        )
+    if writer:
+        _refuse_unknown_columns(p, header)
+    return header
+
+
 def _set_aside_torn_tail(p: Path) -> None:
-    with open(p, newline="", encoding="utf-8") as fh:
+    """See ``read_history``: only a last line without its newline can be torn (a cut may split a
+    UTF-8 character: the bytes are kept as they are)."""
+    with open(p, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         text = fh.read()
+    if text.endswith("\n"):
+        return  # every line is complete: a corrupt one is corruption, reported by read_history
     lines = text.splitlines(keepends=True)
     reader = csv.DictReader(lines)
-    if not reader.fieldnames:
-        return
     records: list[tuple[Mapping[str, str | None], int]] = []  # (row, physical line it ends on)
-    for raw in reader:
-        records.append((raw, reader.line_num))
+    try:
+        for raw in reader:
+            records.append((raw, reader.line_num))
+    except csv.Error:
+        return  # read_history reports it
     if not records:
         return
     for rec, _ in records[:-1]:
@@ -256,10 +296,9 @@ def _set_aside_torn_tail(p: Path) -> None:
         torn = False
     except (ValueError, TypeError, KeyError, UserError):
         torn = True
-    if not torn:
-        if not text.endswith("\n"):  # an intact last row whose newline was cut off
-            with open(p, "a", encoding="utf-8") as fh:
-                fh.write("\n")
+    if not torn:  # an intact last row whose newline was cut off
+        with open(p, "a", encoding="utf-8") as fh:
+            fh.write("\n")
         return
     start = records[-2][1] if len(records) > 1 else 1  # the torn record begins after this line
     fragment, kept = "".join(lines[start:]), "".join(lines[:start])
@@ -267,9 +306,9 @@ def _set_aside_torn_tail(p: Path) -> None:
     while p.with_name(f"{p.name}.torn-{n}").exists():
         n += 1
     side = p.with_name(f"{p.name}.torn-{n}")
-    side.write_text(fragment, encoding="utf-8")
+    side.write_bytes(fragment.encode("utf-8", errors="surrogateescape"))
     tmp = p.with_name(p.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+    with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         fh.write(kept)
         fh.flush()
         os.fsync(fh.fileno())

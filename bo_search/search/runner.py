@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bo_search import cli, structure
+from bo_search.search import identity, preflight
 from bo_search.search.driver import Search, SearchStopped
 from bo_search.search.experiment import AxDriver, attach_history, row_defaults
-from bo_search.search.history import HistoryLock, HistoryRow, HistoryWriter, read_history
+from bo_search.search.history import HistoryLock, HistoryRow, HistoryWriter, check_writable, read_history
 from bo_search.search.strategies import DriverConfig, check_strategy
 from bo_search.sensitivity.table import Sensitivity
 from bo_search.space import resolve_encoding
@@ -49,10 +50,18 @@ class Setup(Structure):
     #: sensitivity tables computed in this process, by method (auto seeds and the prior share one)
     tables: dict[str, Sensitivity] = field(default_factory=dict)
     lock: HistoryLock | None = None
+    #: the weights' content and evaluation settings, recorded on every row (search/identity.py)
+    identity: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_structure(cls, st: Structure, args: argparse.Namespace, **history: Any) -> Setup:
         return cls(**{f.name: getattr(st, f.name) for f in dataclasses.fields(Structure)}, args=args, **history)
+
+    def release(self) -> None:
+        """Release the history's lock (a refusal after ``prepare``: the next command, in this process
+        too, may take it). Idempotent; ``run_search`` releases it as well."""
+        if self.lock is not None:
+            self.lock.release()
 
 
 def prepare(args: argparse.Namespace, search: str, take_lock: bool = True) -> Setup:
@@ -66,13 +75,30 @@ def prepare(args: argparse.Namespace, search: str, take_lock: bool = True) -> Se
         raise UserError(f"--max_failure_rate must be in (0, 1], got {args.max_failure_rate}")
     if getattr(args, "placement_timeout", 1.0) <= 0:
         raise UserError(f"--placement_timeout must be positive (seconds), got {args.placement_timeout:g}")
+    preflight.check_search_flags(args)
+    parse_gpus(getattr(args, "gpu_list", None))
     st = load_structure(args)
-    space, ref = st.space, st.ref
     history_path = Path(args.history_output).expanduser()
     lock = None
     if take_lock:
         cli.check_output_path(history_path)
         lock = HistoryLock(history_path).acquire()  # one writer per history; released at exit
+    try:
+        rows, ids = _checked_history(args, st, history_path, search, take_lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()  # refused: the next command (in this process too) may take it
+        raise
+    return Setup.from_structure(st, args, history_path=history_path, history_rows=rows, lock=lock, identity=ids)
+
+
+def _checked_history(
+    args: argparse.Namespace, st: Structure, history_path: Path, search: str, take_lock: bool
+) -> tuple[list[HistoryRow], dict[str, str]]:
+    """The history's rows (a torn last row set aside when ``take_lock``), each checked against this
+    model, space, search, size accounting, weights and evaluation settings; and this run's
+    ``weights_id``/``eval_settings`` columns."""
+    space, ref = st.space, st.ref
     rows: list[HistoryRow] = []
     if history_path.exists() and history_path.stat().st_size > 0:
         rows = read_history(history_path, strict=True, repair_tail=take_lock).rows
@@ -91,7 +117,12 @@ def prepare(args: argparse.Namespace, search: str, take_lock: bool = True) -> Se
         check_history_sizes(history_path, rows, st.size_model)
     elif args.resume:
         raise UserError(f"--resume: history {history_path} does not exist or is empty")
-    return Setup.from_structure(st, args, history_path=history_path, history_rows=rows, lock=lock)
+    on_gpu = bool(getattr(args, "gpu_list", None)) or getattr(args, "gpus", None) is not None
+    settings = identity.eval_settings(st.eval_cfg, on_gpu)
+    identity.check_history(history_path, rows, ref, settings, args)
+    if take_lock:
+        check_writable(history_path)
+    return rows, identity.row_fields(ref, settings)
 
 
 def check_history_sizes(path: Path, rows: list[Any], size_model: SizeModel) -> None:
@@ -156,6 +187,7 @@ def _start_pool(setup: Setup, gpus: list[int], cluster_gpus: int | str | None, w
         cluster_gpus=cluster_gpus,
         placement_timeout=args.placement_timeout,
         wait=False,
+        trial_timeout=getattr(args, "trial_timeout", None),
     )
 
 
@@ -241,13 +273,22 @@ def run_search(
         _print_interrupted(setup, driver)
         return 130
     finally:
-        if history is not None:
-            history.close()
-        if pool is not None:
-            pool.shutdown()
-        if setup.lock is not None:
-            setup.lock.release()
+        _close(history, pool, setup.lock)
     return status
+
+
+def _close(history: HistoryWriter | None, pool: WorkerPool | None, lock: HistoryLock | None) -> None:
+    """Close the history, stop the workers, release the lock: each of them even when one before it
+    fails (a full disk makes closing the history fail), that failure raised after."""
+    error: BaseException | None = None
+    for step in (history.close if history else None, pool.shutdown if pool else None, lock.release if lock else None):
+        try:
+            if step is not None:
+                step()
+        except Exception as err:
+            error = error or err
+    if error is not None:
+        raise error
 
 
 def _strategy_and_prior(setup: Setup) -> tuple[str, Sensitivity | None]:

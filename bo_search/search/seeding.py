@@ -47,7 +47,7 @@ def resolve_prior(setup: Setup) -> Sensitivity | None:
         if init not in ("auto", "uniform", "none", "") and Path(init).is_file():
             try:
                 rec = json.loads(Path(init).read_text(encoding="utf-8")).get("seeding", {}).get("sensitivity", {})
-            except (json.JSONDecodeError, AttributeError):
+            except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
                 rec = {}
             if isinstance(rec, dict) and rec.get("path") and Path(rec["path"]).is_file():
                 spec = rec["path"]

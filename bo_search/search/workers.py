@@ -38,11 +38,37 @@ log = logging.getLogger(__name__)
 #: declare logical GPUs (``ray start --num-gpus 2``) can be tested on a machine without one. Read
 #: by the driver; deliberately not a command-line flag and not in README.
 TEST_GPU_AS_CPU_ENV = "BO_SEARCH_TEST_GPU_AS_CPU"
-#: Test-only: seconds each trial sleeps before it runs (keeps trials in flight while a test kills a node).
+#: Test-only: seconds each trial sleeps before it runs (keeps trials in flight while a test kills a node
+#: or interrupts the search), ``S`` for every trial or ``S@I,J`` for trials I and J only (a hang).
 TEST_TRIAL_DELAY_ENV = "BO_SEARCH_TEST_TRIAL_DELAY_S"
 #: a dead actor whose node is still alive after this many seconds crashed on its own ("worker died").
 #: Ray's defaults mark a silent node dead after 5 missed health checks 3 s apart (plus a 10 s timeout).
 NODE_LOSS_GRACE_S = 30.0
+#: --trial_timeout auto: this multiple of the slowest of the first trials, never below the floor; until
+#: those trials have finished, and for loading a model, the unmeasured timeout
+TIMEOUT_FIRST_TRIALS = 3
+TIMEOUT_FACTOR = 10.0
+TIMEOUT_FLOOR_S = 300.0
+TIMEOUT_UNMEASURED_S = 3600.0
+#: worker starts (model loads) that fail in a row before the search stops
+MAX_START_FAILURES = 3
+
+
+def trial_timeout(explicit: float | None, first_durations: Sequence[float]) -> float:
+    """Seconds a trial may run: ``--trial_timeout`` when given, else ``TIMEOUT_FACTOR`` times the slowest
+    of the first ``TIMEOUT_FIRST_TRIALS`` finished trials (at least ``TIMEOUT_FLOOR_S``), and
+    ``TIMEOUT_UNMEASURED_S`` until they have finished."""
+    if explicit:
+        return explicit
+    if len(first_durations) < TIMEOUT_FIRST_TRIALS:
+        return TIMEOUT_UNMEASURED_S
+    return max(TIMEOUT_FLOOR_S, TIMEOUT_FACTOR * max(first_durations[:TIMEOUT_FIRST_TRIALS]))
+
+
+def parse_trial_delay(spec: str) -> tuple[float, tuple[int, ...]]:
+    """``TEST_TRIAL_DELAY_ENV``: 'S' (every trial) or 'S@I,J' (those trial indices) -> (S, indices)."""
+    seconds, _, which = (spec or "0").partition("@")
+    return float(seconds or 0), tuple(int(i) for i in which.split(",") if i.strip())
 
 
 def default_threads(num_workers: int, on_gpu: bool = False) -> int:
@@ -59,7 +85,9 @@ class TrialWorker:
     #: death a crash of the worker itself (a fault-injecting subclass that crashes on purpose lowers it)
     node_loss_grace_s: float = NODE_LOSS_GRACE_S
 
-    def __init__(self, cfg: EvalConfig, worker_id: str, threads: int | None = None, trial_delay_s: float = 0.0):
+    def __init__(
+        self, cfg: EvalConfig, worker_id: str, threads: int | None = None, trial_delay_s: float = 0.0, delay_trials: tuple[int, ...] = ()
+    ):
         import torch
 
         setup_logging(False)
@@ -70,6 +98,7 @@ class TrialWorker:
         self.cfg = cfg
         self.load_s = 0.0
         self._delay = trial_delay_s  # test-only (TEST_TRIAL_DELAY_ENV, read by the driver)
+        self._delay_trials = delay_trials  # only these trial indices (empty: every trial)
 
     def placed(self) -> dict[str, Any]:
         """Answers as soon as Ray has placed the actor (the constructor does no heavy work), so a
@@ -101,7 +130,8 @@ class TrialWorker:
         }
 
     def run(self, trial_index: int, plan_json: str) -> TrialResult:
-        if self._delay:
+        if self._delay and (not self._delay_trials or trial_index in self._delay_trials):
+            log.warning("trial %d: test delay of %g s (%s)", trial_index, self._delay, TEST_TRIAL_DELAY_ENV)
             time.sleep(self._delay)
         return self.ctx.run_trial(trial_index, QuantPlan.loads(plan_json), self.worker_id)
 
@@ -173,6 +203,8 @@ class _Slot:
     #: the actor died mid-trial; the reason (node lost or worker died) is not settled yet
     dead_err: BaseException | None = None
     dead_since: float = 0.0
+    #: when Ray placed a replacement (its model load is timed from then); 0 = not seen placed yet
+    placed_at: float = 0.0
 
 
 def ray_is_initialized() -> bool:
@@ -261,8 +293,16 @@ class WorkerPool:
         placement_timeout: float = 600.0,
         node_loss_grace_s: float | None = None,
         wait: bool = True,
+        trial_timeout: float | None = None,
     ):
         self.cfg = cfg
+        #: --trial_timeout (None: derived from the first trials, see ``trial_timeout``)
+        self.trial_timeout = trial_timeout
+        self._first_durations: list[float] = []
+        #: worker starts that failed in a row; at MAX_START_FAILURES the pool is ``broken``
+        self.start_failures = 0
+        #: why the pool cannot go on ("" while it can): the search stops with this line
+        self.broken = ""
         self.node_loss_grace_s = worker_cls.node_loss_grace_s if node_loss_grace_s is None else node_loss_grace_s
         self.gpus = list(gpus or [])
         self.on_gpu = bool(self.gpus) or cluster_gpus is not None
@@ -279,7 +319,7 @@ class WorkerPool:
         self._remote = ray.remote(worker_cls)
         self._worker_cls = worker_cls
         self._gpu_as_cpu = bool(os.environ.get(TEST_GPU_AS_CPU_ENV))
-        self._trial_delay_s = float(os.environ.get(TEST_TRIAL_DELAY_ENV, "0") or 0)
+        self._trial_delay_s, self._delay_trials = parse_trial_delay(os.environ.get(TEST_TRIAL_DELAY_ENV, ""))
         self.slots: list[_Slot] = [self._new_slot(i) for i in range(n)]
         self.restarts = 0
         self.nodes_lost = 0
@@ -336,8 +376,19 @@ class WorkerPool:
 
     def wait_ready(self) -> None:
         """Block until every worker has loaded its model (``wait=False`` lets the caller set up Ax
-        meanwhile, so the workers do not sit idle waiting for the first proposal)."""
+        meanwhile, so the workers do not sit idle waiting for the first proposal); a UserError after
+        ``TIMEOUT_UNMEASURED_S``."""
         self._poll_pending(block=True)
+
+    def timeout_s(self) -> float:
+        """Seconds a trial may run now (see ``trial_timeout``)."""
+        return trial_timeout(self.trial_timeout, self._first_durations)
+
+    def _load_timeout_s(self) -> float:
+        """Seconds a replacement may take to load its model once placed: a multiple of the slowest
+        first load (at least the floor), ``TIMEOUT_UNMEASURED_S`` before any load was measured."""
+        loads = self.load_times
+        return max(TIMEOUT_FLOOR_S, TIMEOUT_FACTOR * max(loads)) if loads else TIMEOUT_UNMEASURED_S
 
     @property
     def infos(self) -> list[dict[str, Any]]:
@@ -359,7 +410,7 @@ class WorkerPool:
             cfg = EvalConfig(**{**cfg.to_dict(), "device": "cpu"})
             opts = {"num_cpus": 1}
         opts["max_concurrency"] = 1
-        actor: Any = self._remote.options(**opts).remote(cfg, f"w{i}", self.threads, self._trial_delay_s)
+        actor: Any = self._remote.options(**opts).remote(cfg, f"w{i}", self.threads, self._trial_delay_s, self._delay_trials)
         placed_ref = actor.placed.remote()  # actor calls run in order: placed, then load
         return _Slot(i, f"w{i}", actor, placed_ref=placed_ref, ready_ref=actor.load.remote())
 
@@ -371,23 +422,64 @@ class WorkerPool:
         pending = [s for s in self.slots if not s.ready and s.ready_ref is not None]
         if not pending:
             return
-        ready, _ = ray.wait([s.ready_ref for s in pending], num_returns=len(pending), timeout=None if block else 0)
+        wait_s = TIMEOUT_UNMEASURED_S if block else 0
+        ready, _ = ray.wait([s.ready_ref for s in pending], num_returns=len(pending), timeout=wait_s)
+        if block and len(ready) < len(pending):
+            late = ", ".join(s.worker_id for s in pending if s.ready_ref not in ready)
+            raise UserError(f"worker(s) {late} did not load the model within {wait_s:.0f} s; check the checkpoint and the workers' logs")
         for s in pending:
             if s.ready_ref not in ready:
+                self._check_load_time(s)
                 continue
             try:
                 info = ray.get(s.ready_ref)
             except (RayActorError, RayTaskError) as err:
                 if block:
                     raise UserError(f"worker {s.worker_id} failed to start: {_first_line(err)}") from None
-                log.warning("replacement worker %s failed to start (%s); trying again", s.worker_id, _first_line(err))
-                self._respawn(s)
+                self._start_failed(s, _first_line(err))
                 continue
+            self.start_failures = 0
             s.info, s.ready, s.ready_ref = info, True, None
             s.worker_id, s.node_id = info["worker_id"], info.get("node_id", "")
             s.idle_since = time.perf_counter()
             if not block:
                 log.warning("worker %s ready (load %.1f s)", s.worker_id, info["load_s"])
+
+    def _check_load_time(self, s: _Slot) -> None:
+        """A placed replacement that takes too long to load its model counts as a failed start."""
+        import ray
+
+        if not s.placed_at:
+            if s.placed_ref is None or not ray.wait([s.placed_ref], timeout=0)[0]:
+                return
+            s.placed_at = time.perf_counter()
+        limit = self._load_timeout_s()
+        if time.perf_counter() - s.placed_at > limit:
+            self._start_failed(s, f"did not load the model within {limit:.0f} s")
+
+    def _start_failed(self, s: _Slot, why: str) -> None:
+        """Try again, unless MAX_START_FAILURES starts failed in a row: then the pool is broken."""
+        self.start_failures += 1
+        if self.start_failures < MAX_START_FAILURES:
+            log.warning("replacement worker %s failed to start (%s); trying again", s.worker_id, why)
+            self._respawn(s)
+            return
+        self.broken = (
+            f"{self.start_failures} worker starts failed in a row (last: worker {s.worker_id}: {why}); "
+            "every finished trial is in the history: fix the cause and run the same command to resume"
+        )
+        self._retire(s)
+
+    def _retire(self, s: _Slot) -> None:
+        """Kill a slot's actor and leave the slot empty (no replacement)."""
+        import ray
+
+        try:
+            ray.kill(s.actor, no_restart=True)
+        except Exception:  # already gone
+            pass
+        s.busy_with = s.ref = s.ready_ref = s.placed_ref = None
+        s.ready = s.placed = False
 
     @property
     def size(self) -> int:
@@ -429,7 +521,7 @@ class WorkerPool:
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         self._poll_pending()
-        results = self._classify_dead()
+        results = self._classify_dead() + self._timed_out()
         running = [s for s in self.busy() if s.ref is not None]
         if not running:
             time.sleep(min(timeout, 0.05))
@@ -451,8 +543,27 @@ class WorkerPool:
                 res = TrialResult(idx, "failed", reason=f"worker {s.worker_id} raised: {_first_line(err)}", worker_id=s.worker_id)
             s.busy_with, s.ref = None, None
             s.idle_since = time.perf_counter()
+            if len(self._first_durations) < TIMEOUT_FIRST_TRIALS:
+                self._first_durations.append(s.idle_since - s.started)
             results.append(res)
         return results + self._classify_dead()
+
+    def _timed_out(self) -> list[TrialResult]:
+        """Failed results (reason "timeout: ...") for trials running longer than ``timeout_s``; their
+        workers are killed and replaced (a running actor task cannot be interrupted otherwise)."""
+        limit, now = self.timeout_s(), time.perf_counter()
+        out = []
+        for s in self.busy():
+            if s.ref is None or now - s.started <= limit:
+                continue
+            idx = s.busy_with
+            assert idx is not None
+            how = "--trial_timeout" if self.trial_timeout else f"--trial_timeout auto: {TIMEOUT_FACTOR:g}x the slowest first trial"
+            reason = f"timeout: trial ran over {limit:.0f} s ({how}); worker {s.worker_id} was replaced"
+            out.append(TrialResult(idx, "failed", reason=reason, worker_id=s.worker_id))
+            s.busy_with, s.ref = None, None
+            self._replace(s, "timed out")
+        return out
 
     def _classify_dead(self) -> list[TrialResult]:
         """Failed results for trials whose actor died: "node lost" once Ray marks the actor's node dead
@@ -493,12 +604,12 @@ class WorkerPool:
             pass
         fresh = self._new_slot(slot.index)
         slot.actor, slot.ready_ref, slot.ready, slot.info, slot.node_id = fresh.actor, fresh.ready_ref, False, None, ""
-        slot.placed_ref, slot.placed = fresh.placed_ref, False
+        slot.placed_ref, slot.placed, slot.placed_at = fresh.placed_ref, False, 0.0
         slot.busy_with, slot.ref = None, None
 
-    def _replace(self, slot: _Slot) -> None:
+    def _replace(self, slot: _Slot, what: str = "died") -> None:
         self.restarts += 1
-        log.warning("worker %s died; requesting a replacement (it starts when the cluster has room)", slot.worker_id)
+        log.warning("worker %s %s; requesting a replacement (it starts when the cluster has room)", slot.worker_id, what)
         self._respawn(slot)
         slot.worker_id = f"w{slot.index}"  # until the replacement reports where it runs
 
@@ -512,12 +623,16 @@ class WorkerPool:
         return ready
 
     def heldout(self, plans: Sequence[QuantPlan]) -> list[float | None]:
-        """Held-out perplexity of several plans, spread over the workers (None with --heldout_tokens 0)."""
-        import ray
-
+        """Held-out perplexity of several plans, spread over the workers (None with --heldout_tokens 0,
+        and None with a warning when the evaluation timed out)."""
         ready = self._ready_slots()
         refs = [ready[i % len(ready)].actor.heldout.remote(p.dumps()) for i, p in enumerate(plans)]
-        return [None if x is None else float(x) for x in ray.get(refs)]
+        scale = max(1.0, self.cfg.heldout_tokens / self.cfg.eval_tokens)
+        try:
+            return [None if x is None else float(x) for x in self._get(refs, scale)]
+        except UserError as err:
+            log.warning("held-out perplexity not measured: %s", err)
+            return [None] * len(plans)
 
     def rescore(self, plans: Sequence[QuantPlan], split: str, with_search: Sequence[bool] = ()) -> Iterator[tuple[int, dict[str, Any]]]:
         """Re-score plans on ``split`` over the ready workers, one at a time each; yields (index into
@@ -557,11 +672,21 @@ class WorkerPool:
                 yield i, result
 
     def measure(self, plans: Sequence[QuantPlan]) -> list[dict[str, Any]]:
-        import ray
-
         ready = self._ready_slots()
         refs = [ready[i % len(ready)].actor.measure.remote(p.dumps()) for i, p in enumerate(plans)]
-        return list(ray.get(refs))
+        return list(self._get(refs, 1.0))
+
+    def _get(self, refs: list[Any], scale: float) -> list[Any]:
+        """``ray.get`` bounded by the trial timeout (times ``scale``, for longer evaluations)."""
+        import ray
+        from ray.exceptions import GetTimeoutError
+
+        per_worker = -(-len(refs) // max(1, len(self._ready_slots())))  # plans are dealt round-robin
+        limit = scale * self.timeout_s() * per_worker
+        try:
+            return list(ray.get(refs, timeout=limit))
+        except GetTimeoutError:
+            raise UserError(f"an evaluation on the workers did not finish within {limit:.0f} s (--trial_timeout)") from None
 
     def placement_lines(self) -> list[str]:
         """One line per worker: where it runs, its device and dtype (the run summary prints them)."""
@@ -578,17 +703,15 @@ class WorkerPool:
         return out
 
     def cancel_all(self) -> list[int]:
-        import ray
-
+        """Stop every running trial now (the search is ending) and return their indices. Ray cannot
+        stop a running actor task: ``ray.cancel`` refuses ``force=True`` for one (ValueError), and
+        without it only sets a flag the task would have to poll. So each busy worker is killed, and
+        its slot left empty."""
         cancelled = []
         for s in self.busy():
             assert s.busy_with is not None
             cancelled.append(s.busy_with)
-            try:
-                ray.cancel(s.ref, force=True)
-            except Exception:  # the task may have just finished
-                pass
-            s.busy_with, s.ref = None, None
+            self._retire(s)
         return cancelled
 
     def shutdown(self) -> None:

@@ -57,7 +57,10 @@ def cached_sensitivity(
     cfg = SensitivityConfig(method=method, nsamples=nsamples, seq_len=eval_cfg.max_seqlen, batch_size=eval_cfg.batch_size, time_eval=False)
     corpus = load_corpus(eval_cfg.eval_text)
     scheme = {"scale_dtype": eval_cfg.scale_dtype, "zero_bits": eval_cfg.zero_bits, "mse_clip": eval_cfg.mse_clip}
-    key = cache_key(cfg, ref.fingerprint, corpus.fingerprint, space.fingerprint, scheme, eval_cfg.include_lm_head)
+    # the weights' content (a retrained checkpoint of the same shape has the same fingerprint) and the
+    # dtype the table is computed in are part of the key
+    scheme["compute_dtype"] = str(eval_cfg.torch_dtype).removeprefix("torch.")
+    key = cache_key(cfg, f"{ref.fingerprint}/{ref.weights_id}", corpus.fingerprint, space.fingerprint, scheme, eval_cfg.include_lm_head)
     path = cache_dir() / "sensitivity" / f"{ref.fingerprint}-{method}-{key}.json"
     if path.is_file():
         try:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bo_search.cli import write_json
-from bo_search.types import PER_CHANNEL, LayerQuant, UserError, did_you_mean
+from bo_search.types import PER_CHANNEL, LayerQuant, UserError, did_you_mean, read_text_utf8
 
 if TYPE_CHECKING:
     from bo_search.space import SearchSpace, Slot
@@ -182,7 +182,7 @@ class Sensitivity:
         if not p.is_file():
             raise UserError(f"sensitivity file not found: {p}")
         try:
-            obj = json.loads(p.read_text(encoding="utf-8"))
+            obj = json.loads(read_text_utf8(p, "sensitivity file"))
         except json.JSONDecodeError as err:
             raise UserError(f"sensitivity file {p} is not valid JSON: {err.msg} at line {err.lineno}") from err
         return cls.from_json(obj, str(p))
