@@ -40,7 +40,8 @@ def test_bench_search_quick(tmp_path):
         "Calibration of the Thompson model",
     ):
         assert needle in report, needle
-    assert (out / "best_so_far.png").stat().st_size > 10_000
+    # the best-so-far held-out curve costs a held-out evaluation per mark: only with --curves
+    assert not (out / "best_so_far.png").exists() and not any(json.loads((out / "results.json").read_text())["curves"].values())
     # every evaluated plan of the seeded search fitted the budget
     from bo_search.search.history import read_history
 
