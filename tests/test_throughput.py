@@ -59,11 +59,11 @@ def test_after_a_measured_trial_heldout_evaluates_the_quantized_model(tiny_ctx):
     import dataclasses
 
     ctx = tiny_ctx
-    plan = uniform_plan(ctx.layers, LayerQuant(4, 32))
+    plan = uniform_plan(ctx.layers, LayerQuant(2, 32))  # 2 bits: on a random tiny model 4 bits moves perplexity by ~1e-4
     held, values = _linear_weights(ctx), {k: v.clone() for k, v in ctx.model.state_dict().items()}
     fp = ctx.measure(QuantPlan(), heldout=True)["ppl_heldout"]
     fake = ctx.measure(plan, heldout=True)["ppl_heldout"]
-    assert abs(fake - fp) > 1e-3 * fp  # 4-bit quantization changes the number (else the test proves nothing)
+    assert abs(fake - fp) > 1e-3 * fp  # 2-bit quantization changes the number (else the test proves nothing)
     cfg = ctx.cfg
     ctx.cfg = dataclasses.replace(cfg, throughput_model="measured", decode_tokens=2, prompt_tokens=8, decode_repeats=2)
     try:
