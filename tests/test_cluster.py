@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_search import base_args, tiny_space
+from clitools import base_args, tiny_space
 
 from bo_search.ray_env import loopback_env
 from bo_search.search.history import read_history
