@@ -161,7 +161,7 @@ def test_searched_ggml_plan_exports_a_gguf_transformers_reads_with_the_same_perp
     hist = tmp_path / "g.csv"
     run = [sys.executable, "-m", "bo_search.acc_modelsize", "--parameters_list", str(REPO / "parameter_spaces" / "smollm2_135m_ggml_per_block.json"),
            "--model_size_constraint", "0.0999", "--num_trials", "4", "--eval_tokens", "512", "--heldout_tokens", "512",
-           "--initial_samples", "uniform", "--prior", "none", "--history_output", str(hist)]  # fmt: skip
+           "--initial_samples", "uniform", "--prior", "none", "--val_tokens", "1024", "--history_output", str(hist)]  # fmt: skip
     r = subprocess.run(run, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [x for x in read_history(hist).rows if x.status == "completed"]
