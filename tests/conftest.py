@@ -72,3 +72,15 @@ def tiny_search(tiny_llama, tmp_path_factory):
     space = tiny_space(folder / "space.json")
     r = run_cli(base_args(tiny_llama, space, folder / "h.csv", "--num_trials", "5", "--num_workers", "2"))
     return SharedSearch(folder, r)
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """A search run in this process through ``main(argv)`` sets torch to one thread for its driver
+    (runner.run_search); the tests after it must not inherit that and run slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
