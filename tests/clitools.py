@@ -52,7 +52,10 @@ def run_main(module, args):
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            code = importlib.import_module(module).main([str(a) for a in args])
+            mod = importlib.import_module(module)
+            if not hasattr(mod, "main"):  # a package run with -m: its __main__ calls the cli module's main
+                mod = importlib.import_module(f"{module}.cli")
+            code = mod.main([str(a) for a in args])
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
     return code, out.getvalue(), err.getvalue()
