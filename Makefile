@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test test-fast lint clean
 
 install: $(VENV)/.installed
 
@@ -21,8 +21,12 @@ DEMO_ARGS ?=
 demo: install
 	$(BIN)/python -m bo_search.acc_modelsize $(DEMO_ARGS)
 
+# test: the whole suite (CI). test-fast: without the tests marked slow (whole searches, Ray clusters), for local work
 test: install lint
 	$(BIN)/python -m pytest -q -ra --durations=15
+
+test-fast: install
+	$(BIN)/python -m pytest -q -ra --durations=10 -m "not slow"
 
 lint: install
 	$(BIN)/ruff check bo_search tests scripts

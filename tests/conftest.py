@@ -58,3 +58,29 @@ def real_ctx():
     from bo_search.trial import EvalConfig, ModelContext
 
     return ModelContext(EvalConfig(eval_tokens=1024, heldout_tokens=1024, max_seqlen=512))
+
+
+@pytest.fixture(scope="session")
+def tiny_search(tiny_llama, tmp_path_factory):
+    """One search on the tiny model, run once as a user would (a subprocess): 5 trials on 2 workers
+    with the default seeds. Tests that need a finished history (report, resume refusals, corrupt
+    rows) copy it with ``tiny_search.copy_to(tmp_path)`` instead of each starting a search of their
+    own (each costs a fresh interpreter, the torch/Ax imports and a Ray start)."""
+    from clitools import SharedSearch, base_args, run_cli, tiny_space
+
+    folder = tmp_path_factory.mktemp("tiny_search")
+    space = tiny_space(folder / "space.json")
+    r = run_cli(base_args(tiny_llama, space, folder / "h.csv", "--num_trials", "5", "--num_workers", "2"))
+    return SharedSearch(folder, r)
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """A search run in this process through ``main(argv)`` sets torch to one thread for its driver
+    (runner.run_search); the tests after it must not inherit that and run slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

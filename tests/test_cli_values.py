@@ -1,6 +1,9 @@
 """Documented option values that no other test reaches, each run as a user would (issue 12, item 7).
 
-One command per group of flags on the tiny model; each asserts the flag's documented effect."""
+One command per group of flags on the tiny model; each asserts the flag's documented effect. Searches
+run as subprocesses; refusals and the light tools (sensitivity, seed, evaluate) run in this process
+through their ``main(argv)``, the code a ``python -m`` run calls (other tests run those as
+subprocesses)."""
 
 import csv
 import json
@@ -8,7 +11,7 @@ import re
 import subprocess
 import sys
 
-from test_search import base_args, run_main, tiny_space
+from clitools import base_args, run_main, tiny_space
 
 from bo_search.search.history import read_history
 
@@ -17,6 +20,13 @@ def _run(module, args, timeout=600):
     r = subprocess.run([sys.executable, "-m", f"bo_search.{module}", *args], capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+
+def _run_here(module, args):
+    """``_run`` in this process: (stdout, stderr) of a run that must succeed."""
+    code, out, err = run_main(f"bo_search.{module}", args)
+    assert code == 0, err[-3000:]
+    return out, err
 
 
 def test_gp_encodings_scale_zero_and_clip_flags(tiny_llama, tmp_path):
@@ -44,9 +54,8 @@ def test_output_file_alias_and_lm_head_outside_the_space(tiny_llama, tmp_path):
     _run("acc_modelsize", args + ["--initial_samples", "uniform"])
     assert sum(x.status == "completed" for x in read_history(hist).rows) == 2
     # a search chooses settings per block: a space without a slot for lm_head cannot quantize it
-    r = subprocess.run([sys.executable, "-m", "bo_search.acc_modelsize", *args, "--include_lm_head", "--history_output", str(tmp_path / "x.csv")],
-                       capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert r.returncode == 2 and "lm_head" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    code, _, err = run_main("bo_search.acc_modelsize", [*args, "--include_lm_head", "--history_output", tmp_path / "x.csv"])
+    assert code == 2 and "lm_head" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.csv").exists()
 
 
@@ -67,31 +76,31 @@ def test_sensitivity_stop_rules_metric_and_compare(tiny_llama, tmp_path):
     outs = []
     for rule in ("layers", "total"):
         out = tmp_path / "sens" / f"h_{rule}.json"
-        r = _run("sensitivity", common + ["--method", "hessian", "--stop_on", rule, "--max_iter", "3", "--output", str(out)])
-        m = re.search(r"Hutchinson: (\d+) iterations \((converged|NOT converged) at tol \S+ on (\w+)\)", r.stdout)
-        assert m is not None, r.stdout
+        stdout, _ = _run_here("sensitivity", common + ["--method", "hessian", "--stop_on", rule, "--max_iter", "3", "--output", str(out)])
+        m = re.search(r"Hutchinson: (\d+) iterations \((converged|NOT converged) at tol \S+ on (\w+)\)", stdout)
+        assert m is not None, stdout
         assert m.group(3) == rule and int(m.group(1)) <= 3  # the rule in force, and --max_iter bounds the iterations
         details = json.loads(out.read_text())["details"]
         assert details["stop_on"] == rule and details["iterations"] == int(m.group(1))
         outs.append(out)
     out = tmp_path / "sens" / "m_nll.json"
-    _run("sensitivity", common + ["--method", "measured", "--metric", "nll", "--output", str(out)])
+    _run_here("sensitivity", common + ["--method", "measured", "--metric", "nll", "--output", str(out)])
     doc = json.loads(out.read_text())
     assert doc["method"] == "measured" and json.dumps(doc).count('"nll"') >= 1
-    r = _run("sensitivity", ["--checkpoint", str(tiny_llama), "--compare", str(outs[0]), str(out)])
-    assert "spearman" in r.stdout.lower()
+    stdout, _ = _run_here("sensitivity", ["--checkpoint", str(tiny_llama), "--compare", str(outs[0]), str(out)])
+    assert "spearman" in stdout.lower()
 
 
 def test_seed_bitops_budgets_and_solver(tiny_llama, tmp_path):
     space = tiny_space(tmp_path / "space.json")
     out = tmp_path / "seeds" / "s.json"
-    r = _run(
+    stdout, _ = _run_here(
         "seed",
         ["--checkpoint", str(tiny_llama), "--eval_text", "pydoc", "--max_seqlen", "32", "--nsamples", "2", "--parameters_list", str(space),
          "--bitops", "0.05", "--budgets", "1,0.9", "--solver", "greedy", "--output", str(out)],
     )  # fmt: skip
     doc = json.loads(out.read_text())
-    assert 1 <= len(doc["initial_samples"]) <= 2 and "GBOPs per token" in r.stdout
+    assert 1 <= len(doc["initial_samples"]) <= 2 and "GBOPs per token" in stdout
     seeding = doc["seeding"]
     allocs = seeding["allocations"]
     assert seeding["bitops_limit_gbops_per_token"] == 0.05 and seeding["limit_gb"] is None  # the budget is in bit operations
@@ -108,7 +117,7 @@ def test_evaluate_sample_of_a_space(tiny_llama, tmp_path):
         json.dumps({"initial_samples": [{f"bitwidth.{i}.": 4 for i in range(3)} | {f"groupsize.{i}.": 32 for i in range(3)}]})
     )
     out = tmp_path / "eval.json"
-    _run(
+    _run_here(
         "evaluate",
         ["--checkpoint", str(tiny_llama), "--eval_text", "pydoc", "--eval_tokens", "128", "--heldout_tokens", "128", "--max_seqlen", "64",
          "--parameters_list", str(space), "--initial_samples", str(samples), "--sample", "0", "--output", str(out)],
@@ -117,10 +126,8 @@ def test_evaluate_sample_of_a_space(tiny_llama, tmp_path):
     assert [r["config"] for r in res] == ["sample 0"] and res[0]["avg_bits"] == 5.0  # 4-bit codes + 16+16 bits per 32 weights
 
 
-def test_report_baselines_and_cuda_torchao_export(tiny_llama, tmp_path):
-    space = tiny_space(tmp_path / "space.json")
-    hist = tmp_path / "h.csv"
-    _run("acc_modelsize", base_args(tiny_llama, space, hist, "--num_trials", "2", "--initial_samples", "uniform"))
+def test_report_baselines_and_cuda_torchao_export(tiny_llama, tiny_search, tmp_path):
+    _, hist = tiny_search.copy_to(tmp_path)  # conftest's shared search
     out = tmp_path / "rep"
     r = _run(
         "report",
@@ -169,8 +176,11 @@ def test_worker_flag_errors_are_one_line(tiny_llama, tmp_path):
         (["--placement_timeout", "0"], "--placement_timeout must be positive"),
         (["--gpus", "all"], "the Ray cluster has no GPU"),  # a local cluster on this GPU-less machine
     ]
-    for extra, msg in cases:
+    from bo_search.search.workers import ray_is_initialized
+
+    for extra, msg in cases:  # in this process (test_search runs one such refusal as a subprocess)
         args = base_args(tiny_llama, space, tmp_path / "h.csv", "--num_trials", "1", *extra)
-        r = subprocess.run([sys.executable, "-m", "bo_search.acc_modelsize", *args], capture_output=True, text=True, timeout=300)
-        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (extra, r.stderr[-1500:])
-        assert r.stderr.strip().count("\n") == 0, (extra, r.stderr)  # one line: every check comes before Ray starts
+        code, _, err = run_main("bo_search.acc_modelsize", args)
+        assert code == 2 and msg in err and "Traceback" not in err, (extra, err[-1500:])
+        assert err.strip().count("\n") == 0, (extra, err)  # one line: every check comes before Ray starts
+        assert not ray_is_initialized()

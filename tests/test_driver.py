@@ -3,8 +3,6 @@ rebuilt from the history, and bad prior tables from the CLI."""
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
@@ -90,7 +88,7 @@ def test_resume_replays_every_status_and_rebuilds_the_same_posterior(setup):
 
 @pytest.mark.slow
 def test_prior_from_another_model_or_space_is_one_line_exit_2(tiny_llama, tiny_ctx, tmp_path):
-    from test_search import base_args, tiny_space
+    from clitools import base_args, run_main, tiny_space
 
     from bo_search.sensitivity.compute import compute
     from bo_search.sensitivity.table import SensitivityConfig
@@ -106,9 +104,8 @@ def test_prior_from_another_model_or_space_is_one_line_exit_2(tiny_llama, tiny_c
         row.pop("2:32", None)
     (tmp_path / "other_space.json").write_text(json.dumps(missing))
     for name, needle in (("other_model.json", "computed for model"), ("other_space.json", "has no cost for 2:32")):
-        r = subprocess.run(
-            [sys.executable, "-m", "bo_search.acc_modelsize", *base_args(tiny_llama, space_path, tmp_path / f"{name}.csv", "--prior", str(tmp_path / name))],
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert r.returncode == 2 and needle in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr[-2000:]
+        code, _, err = run_main(
+            "bo_search.acc_modelsize", base_args(tiny_llama, space_path, tmp_path / f"{name}.csv", "--prior", str(tmp_path / name))
+        )  # in this process: test_search runs one refusal as a subprocess
+        assert code == 2 and needle in err and err.strip().count("\n") == 0, err[-2000:]
         assert not (tmp_path / f"{name}.csv").exists()

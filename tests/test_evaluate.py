@@ -113,33 +113,30 @@ def test_cli_table_and_json(tiny_llama, tmp_path):
     ],
 )
 def test_cli_bad_input_one_line(tiny_llama, args, message):
+    """The first case as a user runs it (a subprocess), the others in this process through main(argv)."""
+    from clitools import run_main
+
     base = ["--checkpoint", str(tiny_llama), "--eval_text", "pydoc", "--max_seqlen", "64", "--eval_tokens", "64", "--heldout_tokens", "0"]
-    r = _cli(*base, *args)
-    assert r.returncode == 2, r.stderr
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert lines[-1].startswith("error: ") and message in lines[-1], r.stderr
-    assert "Traceback" not in r.stderr
+    if args[0] == "--checkpoint":
+        r = _cli(*base, *args)
+        code, stderr = r.returncode, r.stderr
+    else:
+        code, _, stderr = run_main("bo_search.evaluate", [*base, *args])
+    assert code == 2, stderr
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: ") and message in lines[-1], stderr
+    assert "Traceback" not in stderr
 
 
 def test_cli_short_text_and_unknown_task(tiny_llama, tmp_path):
+    from clitools import run_main  # in this process: test_cli_bad_input_one_line runs a refusal as a subprocess
+
     short = tmp_path / "short.txt"
     short.write_text("\n\n".join(f"Paragraph {i} is short." for i in range(30)))
-    r = _cli("--checkpoint", str(tiny_llama), "--eval_text", str(short), "--max_seqlen", "512", "--uniform", "fp")
-    assert r.returncode == 2 and "fewer than one window of 512" in r.stderr and "Traceback" not in r.stderr
-    r = _cli(
-        "--checkpoint",
-        str(tiny_llama),
-        "--eval_text",
-        "pydoc",
-        "--max_seqlen",
-        "64",
-        "--eval_tokens",
-        "64",
-        "--heldout_tokens",
-        "0",
-        "--uniform",
-        "fp",
-        "--tasks",
-        "no_such_task_xyz",
+    code, _, err = run_main(
+        "bo_search.evaluate", ["--checkpoint", tiny_llama, "--eval_text", short, "--max_seqlen", "512", "--uniform", "fp"]
     )
-    assert r.returncode == 2 and "unknown lm_eval task 'no_such_task_xyz'" in r.stderr and "Traceback" not in r.stderr
+    assert code == 2 and "fewer than one window of 512" in err and "Traceback" not in err
+    task = ["--checkpoint", tiny_llama, "--eval_text", "pydoc", "--max_seqlen", "64", "--eval_tokens", "64", "--heldout_tokens", "0"]
+    code, _, err = run_main("bo_search.evaluate", [*task, "--uniform", "fp", "--tasks", "no_such_task_xyz"])
+    assert code == 2 and "unknown lm_eval task 'no_such_task_xyz'" in err and "Traceback" not in err

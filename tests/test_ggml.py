@@ -121,12 +121,13 @@ def test_ggml_space_encodes_decodes_and_rejects_bad_types(tiny_llama, tmp_path):
         load_space(_ggml_space(tmp_path / "bad.json", ["Q4_0", "Q8_O"]), layers)
     k = load_space(_ggml_space(tmp_path / "k.json", ["Q4_0", "Q4_K"]), layers)  # rows of 64/192: Q4_K falls back to Q5_0
     assert {lq.ggml_type for lq in k.decode({p.name: p.values[1] for p in k.tunable}).values()} == {"Q4_K"}
-    r = subprocess.run(
-        [sys.executable, "-m", "bo_search.acc_modelsize", "--checkpoint", str(tiny_llama), "--parameters_list", str(tmp_path / "bad.json"),
-         "--history_output", str(tmp_path / "h.csv")],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert r.returncode == 2 and "did you mean Q8_0" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    from clitools import run_main  # in this process: test_search runs one refusal as a subprocess
+
+    code, _, err = run_main(
+        "bo_search.acc_modelsize",
+        ["--checkpoint", str(tiny_llama), "--parameters_list", str(tmp_path / "bad.json"), "--history_output", str(tmp_path / "h.csv")],
+    )
+    assert code == 2 and "did you mean Q8_0" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "h.csv").exists()
 
 
@@ -160,7 +161,7 @@ def test_searched_ggml_plan_exports_a_gguf_transformers_reads_with_the_same_perp
     hist = tmp_path / "g.csv"
     run = [sys.executable, "-m", "bo_search.acc_modelsize", "--parameters_list", str(REPO / "parameter_spaces" / "smollm2_135m_ggml_per_block.json"),
            "--model_size_constraint", "0.0999", "--num_trials", "4", "--eval_tokens", "512", "--heldout_tokens", "512",
-           "--initial_samples", "uniform", "--prior", "none", "--history_output", str(hist)]  # fmt: skip
+           "--initial_samples", "uniform", "--prior", "none", "--val_tokens", "1024", "--history_output", str(hist)]  # fmt: skip
     r = subprocess.run(run, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [x for x in read_history(hist).rows if x.status == "completed"]
@@ -179,10 +180,12 @@ def test_searched_ggml_plan_exports_a_gguf_transformers_reads_with_the_same_perp
     got = re.search(r"search split \(512 tokens\) ([\d.]+) \(this tool on the same windows: ([\d.]+), ([-+][\d.]+)%\)", r.stdout)
     assert got, r.stdout[-2000:]
     assert abs(float(got.group(3))) < 1.0 and "tokens/s" in r.stdout
-    # refusing to overwrite: one line, exit 2, the file untouched
+    # refusing to overwrite: one line, exit 2, the file untouched (in this process)
+    from clitools import run_main
+
     before = out.stat().st_mtime_ns
-    r2 = subprocess.run(rep, capture_output=True, text=True, timeout=600)
-    assert r2.returncode == 2 and "--force" in r2.stderr and out.stat().st_mtime_ns == before
+    code, _, err = run_main("bo_search.report.cli", rep[3:])
+    assert code == 2 and "--force" in err and out.stat().st_mtime_ns == before
 
     reader = gguf.GGUFReader(str(out))
     src = gguf.GGUFReader(str(embedded_gguf_path()))
@@ -204,7 +207,7 @@ def test_searched_ggml_plan_exports_a_gguf_transformers_reads_with_the_same_perp
 
 
 def test_every_search_runs_on_a_ggml_space_and_gguf_export_needs_a_gguf_checkpoint(tiny_llama, tmp_path):
-    from test_search import base_args, run_cli
+    from clitools import base_args, run_cli, run_main
 
     space = _ggml_space(tmp_path / "g.json", ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "F16"])
     runs = {
@@ -220,8 +223,8 @@ def test_every_search_runs_on_a_ggml_space_and_gguf_export_needs_a_gguf_checkpoi
         assert len(rows) == 4 and all(lq.ggml_type in ("Q4_0", "Q4_1", "Q5_0", "Q8_0", "F16") for x in rows for lq in x.plan.values())
     # the tiny checkpoint is a Hugging Face directory: --gguf says to convert it first, and writes nothing
     out = tmp_path / "x.gguf"
-    r = run_cli([str(tmp_path / "m.csv"), "--gguf", str(out), "--checkpoint", str(tiny_llama)], module="bo_search.report")
-    assert r.returncode == 2 and "convert_hf_to_gguf.py" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    code, _, err = run_main("bo_search.report.cli", [tmp_path / "m.csv", "--gguf", out, "--checkpoint", tiny_llama])
+    assert code == 2 and "convert_hf_to_gguf.py" in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and not (tmp_path / "m_report").exists()
     # a plan in bits and group sizes cannot be written as GGUF
     with pytest.raises(UserError, match="needs a plan in llama.cpp types"):

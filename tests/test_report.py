@@ -332,17 +332,15 @@ def test_other_model_exit_2(synth, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_report_on_real_search(tiny_llama, tmp_path):
-    from test_search import base_args, run_cli, tiny_space
+def test_report_on_real_search(tiny_llama, tiny_search, tmp_path, capsys):
+    """The report CLI (a subprocess, as a user runs it) on the shared search of conftest's ``tiny_search``."""
+    from clitools import run_main as run_module
 
     from bo_search.metrics import perplexity
     from bo_search.report.export import load_quantized
     from bo_search.trial import EvalConfig, ModelContext
 
-    space = tiny_space(tmp_path / "space.json")
-    hist = tmp_path / "h.csv"
-    r = run_cli(base_args(tiny_llama, space, hist, "--num_trials", "6"))
-    assert r.returncode == 0, r.stderr[-3000:]
+    _, hist = tiny_search.copy_to(tmp_path)
     flags = [
         "--checkpoint",
         str(tiny_llama),
@@ -385,12 +383,10 @@ def test_report_on_real_search(tiny_llama, tmp_path):
     assert f"held-out perplexity {got:.4f} vs {ref:.4f}" in md
     # the exported plan JSON is what bo_search.evaluate --config reads
     plan_json = out / f"export_trial_{best.trial_index}" / "plan.json"
-    r3 = run_cli([*flags, "--heldout_tokens", "0", "--config", str(plan_json)], module="bo_search.evaluate")
-    assert r3.returncode == 0, r3.stderr[-2000:]
-    assert float(r3.stdout.strip().splitlines()[-1].split("|")[4]) == pytest.approx(best.cal_PPL, rel=1e-3)
-    # a second report is served from the cache
-    rep2 = subprocess.run(
-        [sys.executable, "-m", "bo_search.report", str(hist), *flags, "--evaluate"], capture_output=True, text=True, timeout=600
-    )
-    assert rep2.returncode == 0, rep2.stderr[-3000:]
+    code, out3, err3 = run_module("bo_search.evaluate", [*flags, "--heldout_tokens", "0", "--config", plan_json])
+    assert code == 0, err3[-2000:]
+    assert float(out3.strip().splitlines()[-1].split("|")[4]) == pytest.approx(best.cal_PPL, rel=1e-3)
+    # a second report is served from the cache (in this process)
+    code, _, err2 = run_main(capsys, hist, *flags, "--evaluate")
+    assert code == 0, err2[-3000:]
     assert "0 new measurement(s)" in (out / "report.md").read_text()

@@ -8,62 +8,19 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from clitools import base_args, run_cli, run_main, tiny_space
 
 from bo_search.search.history import read_history
 
 pytestmark = pytest.mark.slow
 
 
-def tiny_space(path: Path, n_blocks: int = 3) -> Path:
-    spec = {
-        "parameters": [
-            {
-                "name": "bitwidth",
-                "name_format": "bitwidth.{i}.",
-                "layers": [{"range": [0, n_blocks], "type": "choice", "values": [2, 3, 4, 8]}],
-            },
-            {
-                "name": "groupsize",
-                "name_format": "groupsize.{i}.",
-                "layers": [{"range": [0, n_blocks], "type": "choice", "values": [32, 64]}],
-            },
-        ]
-    }
-    path.write_text(json.dumps(spec))
-    return path
-
-
-def base_args(ckpt, space, history, *extra):
-    return [
-        "--checkpoint", str(ckpt), "--parameters_list", str(space), "--history_output", str(history),
-        "--eval_text", "pydoc", "--eval_tokens", "256", "--heldout_tokens", "128", "--max_seqlen", "64",
-        "--avg_bits", "5", "--n_sobol", "2", *extra,
-    ]  # fmt: skip
-
-
-def run_cli(args, module="bo_search.acc_modelsize", timeout=600):
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout)
-
-
-def run_main(module, args):
-    """A command run in this process, as ``python -m module args`` would: (exit status, stdout, stderr)."""
-    import contextlib
-    import importlib
-    import io
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = importlib.import_module(module).main(list(args))
-    return code, out.getvalue(), err.getvalue()
-
-
-def test_end_to_end_two_workers_uneven(tiny_llama, tmp_path):
-    space = tiny_space(tmp_path / "space.json")
-    hist = tmp_path / "h.csv"
-    r = run_cli(base_args(tiny_llama, space, hist, "--num_trials", "5", "--num_workers", "2"))
+def test_end_to_end_two_workers_uneven(tiny_llama, tiny_search, tmp_path):
+    """The shared search (conftest's ``tiny_search``): 5 trials on 2 workers, run as a subprocess."""
+    _, hist = tiny_search.copy_to(tmp_path)
+    r = tiny_search.result
     assert r.returncode == 0, r.stderr[-3000:]
     rows = read_history(hist).rows
     evaluated = [x for x in rows if x.status in ("completed", "failed")]
@@ -87,26 +44,14 @@ def test_end_to_end_two_workers_uneven(tiny_llama, tmp_path):
     winner = min(resc, key=lambda x: x.val_PPL)  # the default objective, nll
     assert best["picked_by"] == "validation" and best["val_PPL"] == winner.val_PPL and best["trial_index"] == winner.trial_index
     assert "the search's pick is" in r.stdout
-    # the best plan loads in bo_search.evaluate
-    r2 = run_cli(
-        [
-            "--checkpoint",
-            str(tiny_llama),
-            "--eval_text",
-            "pydoc",
-            "--eval_tokens",
-            "256",
-            "--heldout_tokens",
-            "0",
-            "--max_seqlen",
-            "64",
-            "--config",
-            str(tmp_path / "h.csv.best_plan.json"),
-        ],
-        module="bo_search.evaluate",
-    )
-    assert r2.returncode == 0, r2.stderr[-2000:]
-    ppl_eval = float(r2.stdout.strip().splitlines()[-1].split("|")[4])
+    # the best plan loads in bo_search.evaluate (in this process: its own subprocess runs are in test_evaluate)
+    code, out, err = run_main(
+        "bo_search.evaluate",
+        ["--checkpoint", tiny_llama, "--eval_text", "pydoc", "--eval_tokens", "256", "--heldout_tokens", "0", "--max_seqlen", "64",
+         "--config", tmp_path / "h.csv.best_plan.json"],
+    )  # fmt: skip
+    assert code == 0, err[-2000:]
+    ppl_eval = float(out.strip().splitlines()[-1].split("|")[4])
     assert ppl_eval == pytest.approx(best["cal_PPL"], rel=1e-3)
 
 
@@ -219,6 +164,10 @@ def test_ctrl_c_marks_abandoned_and_says_how_to_resume(tiny_llama, tmp_path):
     ],
 )
 def test_bad_input_exits_2_before_any_trial(tiny_llama, tmp_path, extra, message):
+    """The first case runs as a user would (a subprocess: one line, no traceback, exit status 2);
+    the others in this process through main(argv), which reaches the same checks."""
+    from bo_search.search.workers import ray_is_initialized
+
     space = tiny_space(tmp_path / "space.json")
     args = base_args(tiny_llama, space, tmp_path / "h.csv", "--num_trials", "3")
     args = (
@@ -226,9 +175,14 @@ def test_bad_input_exits_2_before_any_trial(tiny_llama, tmp_path, extra, message
         if "--avg_bits" in extra or "--model_size_constraint" in extra
         else args + extra
     )
-    r = run_cli(args, timeout=120)
-    assert r.returncode == 2, (r.stdout[-1000:], r.stderr[-2000:])
-    assert message in r.stderr and "Traceback" not in r.stderr
+    if extra == ["--avg_bits", "1.0"]:
+        r = run_cli(args, timeout=120)
+        code, out, err = r.returncode, r.stdout, r.stderr
+    else:
+        code, out, err = run_main("bo_search.acc_modelsize", args)
+        assert not ray_is_initialized()
+    assert code == 2, (out[-1000:], err[-2000:])
+    assert message in err and "Traceback" not in err
     assert not (tmp_path / "h.csv").exists()
 
 
@@ -251,19 +205,26 @@ def test_final_choice_names_a_seed_reuses_rescores_on_resume_and_finalists_0_pic
     resc = [x for x in rows if x.status == "rescored"]
     assert len({x.plan for x in resc}) == len(resc)  # no plan re-scored twice
     before = hist.read_bytes()
-    r = run_cli(base_args(tiny_llama, space, hist, "--num_trials", "5", "--initial_samples", "uniform", "--val_tokens", "1024"))
-    assert r.returncode == 0 and f"finalists: {int(m.group(1))} ({int(m.group(1))} re-scores reused" in r.stdout, r.stdout[-2000:]
+    # nothing left to measure: no worker starts, so the last two runs cost no Ray start and run in this process
+    code, out, err = run_main(
+        "bo_search.acc_modelsize",
+        base_args(tiny_llama, space, hist, "--num_trials", "5", "--initial_samples", "uniform", "--val_tokens", "1024"),
+    )
+    assert code == 0 and f"finalists: {int(m.group(1))} ({int(m.group(1))} re-scores reused" in out, (out[-2000:], err[-2000:])
     assert hist.read_bytes() == before  # nothing measured, nothing written
     chosen = json.loads(best_json.read_text())
     winner = min(resc, key=lambda x: x.val_PPL)
     assert chosen["picked_by"] == "validation" and chosen["val_PPL"] == winner.val_PPL
     # --finalists 0: the old rule, the best trial on the search split
-    r = run_cli(base_args(tiny_llama, space, hist, "--num_trials", "5", "--initial_samples", "uniform", "--finalists", "0"))
-    assert r.returncode == 0, r.stderr[-3000:]
+    code, out, err = run_main(
+        "bo_search.acc_modelsize",
+        base_args(tiny_llama, space, hist, "--num_trials", "5", "--initial_samples", "uniform", "--finalists", "0"),
+    )
+    assert code == 0, err[-3000:]
     chosen = json.loads(best_json.read_text())
     done = [x for x in rows if x.status == "completed"]
     assert chosen["picked_by"] == "search split" and chosen["cal_PPL"] == min(x.cal_PPL for x in done)
-    assert "final pick by validation" not in r.stdout
+    assert "final pick by validation" not in out
 
 
 def test_text_too_short_for_a_validation_split_is_one_line(tiny_llama, tmp_path):
@@ -281,36 +242,33 @@ def test_text_too_short_for_a_validation_split_is_one_line(tiny_llama, tmp_path)
     space = tiny_space(tmp_path / "space.json")
     args = base_args(tiny_llama, space, tmp_path / "h.csv", "--num_trials", "2")
     args[args.index("--eval_text") + 1] = str(text)
-    r = run_cli(args, timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert re.search(r"error: the validation split of .* so the text needs at least about \d+ tokens", r.stderr), r.stderr[-2000:]
+    code, _, err = run_main("bo_search.acc_modelsize", args)
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert re.search(r"error: the validation split of .* so the text needs at least about \d+ tokens", err), err[-2000:]
     assert not (tmp_path / "h.csv").exists()
 
 
-def test_corrupt_or_foreign_history_is_refused_and_kept(tiny_llama, tmp_path):
-    space = tiny_space(tmp_path / "space.json")
-    hist = tmp_path / "h.csv"
-    r = run_cli(base_args(tiny_llama, space, hist, "--num_trials", "2", "--initial_samples", "none"))
-    assert r.returncode == 0, r.stderr[-2000:]
+def test_corrupt_or_foreign_history_is_refused_and_kept(tiny_llama, tiny_search, tmp_path):
+    space, hist = tiny_search.copy_to(tmp_path)  # a finished search's history (the refusals run in this process)
     good = hist.read_text()
     lines = good.splitlines()
     hist.write_text("\n".join(lines[:2] + ["3,completed,bo,{not json"] + lines[2:]) + "\n")
     corrupt = hist.read_text()
-    r = run_cli(base_args(tiny_llama, space, hist, "--num_trials", "4"))
-    assert r.returncode == 2 and "line 3 is corrupt" in r.stderr and "Traceback" not in r.stderr
+    code, _, err = run_main("bo_search.acc_modelsize", base_args(tiny_llama, space, hist, "--num_trials", "7"))
+    assert code == 2 and "line 3 is corrupt" in err and "Traceback" not in err
     assert hist.read_text() == corrupt  # never overwritten
     hist.write_text(good)
     other = tiny_space(tmp_path / "other.json", 3)
     spec = json.loads(other.read_text())
     spec["parameters"][0]["layers"][0]["values"] = [3, 4, 8]
     other.write_text(json.dumps(spec))
-    r = run_cli(base_args(tiny_llama, other, hist, "--num_trials", "4"))
-    assert r.returncode == 2 and "different parameter space" in r.stderr
+    code, _, err = run_main("bo_search.acc_modelsize", base_args(tiny_llama, other, hist, "--num_trials", "7"))
+    assert code == 2 and "different parameter space" in err
     assert hist.read_text() == good
     old = tmp_path / "old.csv"
     old.write_text("trial_id,cal_PPL,model_size,config\n0,7.9,5.4,\"{'bitwidth.0.': 4}\"\n")
-    r = run_cli(base_args(tiny_llama, space, old, "--num_trials", "4"))
-    assert r.returncode == 2 and "not a bo_search history" in r.stderr
+    code, _, err = run_main("bo_search.acc_modelsize", base_args(tiny_llama, space, old, "--num_trials", "7"))
+    assert code == 2 and "not a bo_search history" in err
     # another tool's CSV (issue 31): refused before anything writes to it, even with its last line like a torn row
     for content in (b"trial_index,cal_PPL\n0,7.9\n", b"trial_index,cal_PPL\n0,7.9\n1,8.1"):
         foreign = tmp_path / "foreign.csv"
@@ -343,9 +301,10 @@ def test_pareto_search_front(tiny_llama, tmp_path):
 def test_real_model_short_search(tmp_path):
     """The default strategy on the embedded model: 2 uniform seeds, then Thompson proposals."""
     hist = tmp_path / "real.csv"
+    # --val_tokens 1024: the finalists' re-scores (about 14 s a plan at the default 8192) decide nothing asserted here
     r = run_cli(
         ["--num_trials", "8", "--eval_tokens", "512", "--heldout_tokens", "512", "--history_output", str(hist),
-         "--initial_samples", "uniform", "--prior", "none"],
+         "--initial_samples", "uniform", "--prior", "none", "--val_tokens", "1024"],
         timeout=1200,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
@@ -369,8 +328,8 @@ def test_strategy_rows_and_bad_strategy(tiny_llama, tmp_path):
     rows = [x for x in rows if x.status != "rescored"]
     assert [x.source for x in rows] == ["thompson"] * 6 and all(x.status == "completed" for x in rows)
     assert len({x.plan for x in rows}) == 6  # every proposal new
-    r = run_cli(base_args(tiny_llama, space, tmp_path / "x.csv", "--strategy", "thomson"))
-    assert r.returncode == 2 and "did you mean 'thompson'" in r.stderr and r.stderr.strip().count("\n") == 0
+    code, _, err = run_main("bo_search.acc_modelsize", base_args(tiny_llama, space, tmp_path / "x.csv", "--strategy", "thomson"))
+    assert code == 2 and "did you mean 'thompson'" in err and err.strip().count("\n") == 0
 
 
 def test_gp_strategy_proposes_repairs_and_records_over_limit_rows(tiny_llama, tmp_path):
@@ -418,23 +377,20 @@ def test_heldout_zero_skips_heldout_everywhere(tiny_llama, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     front = json.loads((tmp_path / "p.csv.pareto.json").read_text())["front"]
     assert front and all(x["ppl_heldout"] is None for x in front)
-    rep = subprocess.run([sys.executable, "-m", "bo_search.report", str(hist)], capture_output=True, text=True, timeout=300)
-    assert rep.returncode == 0, rep.stderr[-2000:]
+    code, _, err = run_main("bo_search.report.cli", [hist])  # the report's own subprocess run is in test_report
+    assert code == 0, err[-2000:]
 
 
-def test_history_records_its_limit_and_refuses_another(tiny_llama, tmp_path):
-    space = tiny_space(tmp_path / "space.json")
-    hist = tmp_path / "h.csv"
-    r = run_cli(base_args(tiny_llama, space, hist, "--num_trials", "2"))
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_history_records_its_limit_and_refuses_another(tiny_llama, tiny_search, tmp_path):
+    space, hist = tiny_search.copy_to(tmp_path)  # a finished search (5 trials) at --avg_bits 5
     rows = read_history(hist).rows
     assert {x.limit_metric for x in rows} == {"model_size_gb"} and len({x.limit for x in rows}) == 1
     assert rows[0].goal == "min nll s.t. model_size_gb <= limit"
     before = hist.read_bytes()
-    args = base_args(tiny_llama, space, hist, "--num_trials", "3")
+    args = base_args(tiny_llama, space, hist, "--num_trials", "7")
     args[args.index("--avg_bits") + 1] = "6"
-    r = run_cli(args)
-    assert r.returncode == 2 and "--change_limit" in r.stderr and r.stderr.strip().count("\n") == 0
+    code, _, err = run_main("bo_search.acc_modelsize", args)
+    assert code == 2 and "--change_limit" in err and err.strip().count("\n") == 0
     assert hist.read_bytes() == before
     # issue 31: the weights' content and the evaluation settings are recorded on every row and
     # checked on resume (in this process: the refusals come before any model or Ray work)
@@ -443,7 +399,7 @@ def test_history_records_its_limit_and_refuses_another(tiny_llama, tmp_path):
     settings = json.loads(rows[0].eval_settings)
     assert rows[0].weights_id == resolve_checkpoint(str(tiny_llama)).weights_id
     assert settings["eval_tokens"] == 256 and settings["max_seqlen"] == 64 and settings["compute_dtype"] == "float32"
-    same_limit = base_args(tiny_llama, space, hist, "--num_trials", "3")
+    same_limit = base_args(tiny_llama, space, hist, "--num_trials", "7")
     for flag, value, message in (
         ("--eval_tokens", "128", "scored with --eval_tokens 256"),
         ("--compute_dtype", "bfloat16", "--change_compute_dtype"),
@@ -452,13 +408,13 @@ def test_history_records_its_limit_and_refuses_another(tiny_llama, tmp_path):
         code, _, err = run_main("bo_search.acc_modelsize", changed)
         assert code == 2 and message in err and err.count("\n") == 1, err
         assert hist.read_bytes() == before
-    r = run_cli([*args, "--change_limit"])
+    r = run_cli([*args, "--change_limit"])  # 2 more trials under the new limit
     assert r.returncode == 0, r.stderr[-3000:]
     after = read_history(hist).rows
     assert len({x.limit for x in after}) == 2 and after[-1].limit > after[0].limit  # the change is recorded per row
     # the report draws the limit in force now
-    rep = subprocess.run([sys.executable, "-m", "bo_search.report", str(hist)], capture_output=True, text=True, timeout=300)
-    assert rep.returncode == 0, rep.stderr[-2000:]
+    code, _, err = run_main("bo_search.report.cli", [hist])
+    assert code == 0, err[-2000:]
     md = (tmp_path / "h_report" / "report.md").read_text()
     assert f"{after[-1].limit:.6g}" in md
 

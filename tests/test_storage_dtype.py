@@ -153,11 +153,13 @@ def test_bf16_search_limit_from_avg_bits_is_hand_computed(tmp_path):
     assert m is not None and math.isclose(float(m.group(1)), expect_gb, rel_tol=1e-5), (r.stdout[:500], expect_gb)
     # resuming under another accounting is refused in one line, the history untouched
     before = (tmp_path / "h.csv").read_bytes()
-    r2 = subprocess.run(
-        [sys.executable, "-m", "bo_search.acc_modelsize", "--checkpoint", str(ckpt), "--avg_bits", "5", "--num_trials", "2",
+    from clitools import run_main  # in this process: test_search runs one refusal as a subprocess
+
+    code, _, err = run_main(
+        "bo_search.acc_modelsize",
+        ["--checkpoint", str(ckpt), "--avg_bits", "5", "--num_trials", "2",
          "--eval_text", "pydoc", "--eval_tokens", "128", "--heldout_tokens", "0", "--max_seqlen", "64", "--fp_dtype", "float32",
          "--history_output", str(tmp_path / "h.csv")],
-        capture_output=True, text=True, timeout=600,
     )  # fmt: skip
-    assert r2.returncode == 2 and "current size accounting" in r2.stderr and len(r2.stderr.strip().splitlines()) == 1, r2.stderr
+    assert code == 2 and "current size accounting" in err and len(err.strip().splitlines()) == 1, err
     assert (tmp_path / "h.csv").read_bytes() == before

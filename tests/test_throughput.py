@@ -110,7 +110,7 @@ def test_kernel_availability():
 
 @pytest.mark.slow
 def test_throughput_search_predicted_csv_and_resume(tiny_llama, tmp_path):
-    from test_search import base_args, run_cli, tiny_space
+    from clitools import base_args, run_cli, run_main, tiny_space
 
     from bo_search.search.history import read_history
 
@@ -128,13 +128,14 @@ def test_throughput_search_predicted_csv_and_resume(tiny_llama, tmp_path):
     r = run_cli(args6, module="bo_search.acc_throughput")
     assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-3000:]
     assert sum(x.status in ("completed", "failed") for x in read_history(hist).rows) == 6
-    r = run_cli([a if a != "+50%" else "1.0001" for a in args6], module="bo_search.acc_throughput")
-    assert r.returncode == 2
+    # another limit on resume is refused (in this process: test_ppl_limit_below_... runs a refusal as a subprocess)
+    code, _, _ = run_main("bo_search.acc_throughput", [a if a != "+50%" else "1.0001" for a in args6])
+    assert code == 2
 
 
 @pytest.mark.slow
 def test_ppl_limit_below_full_precision_is_refused(tiny_llama, tmp_path):
-    from test_search import base_args, run_cli, tiny_space
+    from clitools import base_args, run_cli, tiny_space
 
     space = tiny_space(tmp_path / "space.json")
     hist = tmp_path / "t.csv"

@@ -133,7 +133,7 @@ def test_pool_async_dispatch_two_workers(ray_cluster, tiny_llama):
 
 
 def _search_args(tiny_llama, tmp_path, n):
-    from test_search import base_args, tiny_space
+    from clitools import base_args, tiny_space
 
     from bo_search.acc_modelsize import build_parser
 
