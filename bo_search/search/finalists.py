@@ -298,11 +298,14 @@ def describe(choice: FinalChoice, objective: str, val_tokens: int, heldout_token
     lines = []
     name = _name
 
+    def pm(sem: float | None) -> str:  # no "± nan": one window has no standard error
+        return f" ± {sem:.4f}" if sem is not None and math.isfinite(sem) else ""
+
     def scores(r: HistoryRow) -> str:
         v = f"validation ppl {r.val_PPL:.4f}" if r.val_PPL is not None else "validation n/a"
         if r.val_kl is not None:
-            v += f", KL {r.val_kl:.4f} ± {r.val_kl_sem or float('nan'):.4f}"
-        h = f"held-out ppl {r.ppl_heldout:.4f} ± {r.ppl_heldout_sem or float('nan'):.4f}" if r.ppl_heldout is not None else "held-out n/a"
+            v += f", KL {r.val_kl:.4f}{pm(r.val_kl_sem)}"
+        h = f"held-out ppl {r.ppl_heldout:.4f}{pm(r.ppl_heldout_sem)}" if r.ppl_heldout is not None else "held-out n/a"
         return f"{v}; {h}"
 
     lines.append(f"final pick by validation {objective} on {val_tokens:,} tokens ({len(choice.rescored)} finalists):")
