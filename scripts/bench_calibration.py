@@ -23,19 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    def ranks(v: list[float]) -> list[float]:
-        order = sorted(range(len(v)), key=v.__getitem__)
-        r = [0.0] * len(v)
-        for i, j in enumerate(order):
-            r[j] = float(i)
-        return r
-
-    if len(a) < 3:
-        return float("nan")
-    return statistics.correlation(ranks(a), ranks(b))
+from bench_search import spearman  # scripts/ is on sys.path when a script runs
 
 
 def replay(

@@ -19,21 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-
-def spearman(a: list[float], b: list[float]) -> float:
-    def ranks(v: list[float]) -> list[float]:
-        order = sorted(range(len(v)), key=v.__getitem__)
-        r = [0.0] * len(v)
-        for i, j in enumerate(order):
-            r[j] = float(i)
-        return r
-
-    return statistics.correlation(ranks(a), ranks(b)) if len(a) >= 3 else float("nan")
+from bench_search import spearman  # scripts/ is on sys.path when a script runs
 
 
 def main() -> None:

@@ -453,7 +453,9 @@ def main() -> None:
     write_report(b, args, results, curves, breakdown, scaling, fp_held, (ref_bits, ref_g, ref_size, ref_held))
 
 
-def _spearman(a: list[float], b: list[float]) -> float:
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation (nan under 3 points); also used by bench_calibration and bench_objective."""
+
     def ranks(v: list[float]) -> list[float]:
         order = sorted(range(len(v)), key=v.__getitem__)
         r = [0.0] * len(v)
@@ -576,7 +578,7 @@ def write_report(
         err = [m - y for m, _, y in cal]
         z = [(m - y) / sd for m, sd, y in cal if sd > 0]
         within = sum(abs(v) <= 2 for v in z)
-        rho = _spearman([m for m, _, _ in cal], [y for _, _, y in cal])
+        rho = spearman([m for m, _, _ in cal], [y for _, _, y in cal])
         lines += ["", f"Calibration of the Thompson model on trials it had not yet seen ({len(cal)} trials): mean error "
                   f"{statistics.mean(err):+.4f} nats, mean absolute error {statistics.mean(abs(e) for e in err):.4f} nats, "
                   f"{within} of {len(z)} within 2 predicted sd, Spearman(predicted, measured) {rho:.3f}."]  # fmt: skip
