@@ -132,6 +132,7 @@ def _main(args: argparse.Namespace) -> int:
                 raise UserError(f"{err}; or add --no_llamacpp to write the GGUF without measuring it") from None
     for line, why in an.skipped:
         print(f"warning: {history.name} line {line} skipped ({why})", file=sys.stderr)
+    _quantizer_from_history(args, loaded.rows, history)
     ctx = None
     layers = model_type = None
     if opts.evaluate or opts.save_checkpoint:
@@ -170,6 +171,18 @@ def _main(args: argparse.Namespace) -> int:
         if not args.no_llamacpp:
             _measure_gguf(args, opts.gguf, export_row)
     return 0
+
+
+def _quantizer_from_history(args: argparse.Namespace, rows: Sequence[HistoryRow], history: Path) -> None:
+    """Plans are re-measured and exported with the quantizer they were searched with: the history's,
+    unless --quantizer names another (refused)."""
+    recorded = sorted({r.quantizer or "rtn" for r in rows})
+    if len(recorded) != 1 or recorded[0] == args.quantizer:
+        return
+    if args.quantizer != "rtn":  # the flag's default is rtn: anything else was asked for
+        raise UserError(f"{history.name} was searched with --quantizer {recorded[0]}, not {args.quantizer}: pass --quantizer {recorded[0]}")
+    args.quantizer = recorded[0]
+    print(f"{history.name} was searched with --quantizer {recorded[0]}: re-measuring and exporting with it", flush=True)
 
 
 def _measure_gguf(args: argparse.Namespace, path: Path, row: HistoryRow) -> None:

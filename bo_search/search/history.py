@@ -68,6 +68,7 @@ class HistoryRow:
     search: str = ""  # modelsize | throughput | pareto
     model_id: str = ""
     space_id: str = ""
+    quantizer: str = ""  # how the affine codes were chosen (--quantizer); "" = written before it was recorded: rtn
     goal: str = ""  # e.g. "min nll s.t. model_size_gb <= limit"
     limit_metric: str = ""  # model_size_gb | ppl | "" (Pareto: none)
     limit: float | None = None  # the limit in force when the row was written (GB or perplexity)

@@ -89,6 +89,7 @@ def prepare(args: argparse.Namespace, search: str, take_lock: bool = True) -> Se
                 raise UserError(f"history {history_path} holds a {r.search} search, not {search}; use a new --history_output")
             space.encode(r.plan)  # raises if the plan is not expressible in this space
         check_history_sizes(history_path, rows, st.size_model)
+        check_history_quantizer(history_path, rows, st.eval_cfg.quantizer)
     elif args.resume:
         raise UserError(f"--resume: history {history_path} does not exist or is empty")
     return Setup.from_structure(st, args, history_path=history_path, history_rows=rows, lock=lock)
@@ -107,6 +108,18 @@ def check_history_sizes(path: Path, rows: list[Any], size_model: SizeModel) -> N
                 f"history {path} trial {r.trial_index} records size {r.model_size:.6g} GB, but its plan is {now:.6g} GB under the "
                 f"current size accounting (unquantized tensors at {size_model.fp_dtype}): it was written with another storage dtype "
                 "or scheme; pass the --fp_dtype/--zero_bits/--scale_dtype it was written with, or use a new --history_output"
+            )
+
+
+def check_history_quantizer(path: Path, rows: list[Any], quantizer: str) -> None:
+    """A history continues with the quantizer it was searched with (the same plan scores differently
+    under another); rows from before the column existed were plain rounding."""
+    for r in rows:
+        recorded = r.quantizer or "rtn"
+        if recorded != quantizer:
+            raise UserError(
+                f"history {path} trial {r.trial_index} was quantized with --quantizer {recorded}, this run with --quantizer {quantizer}: "
+                f"pass --quantizer {recorded} or use a new --history_output"
             )
 
 
@@ -223,6 +236,9 @@ def run_search(
     status = 0
     try:
         if done < args.num_trials or callable(goal) or final_choice_pending(setup, goal):
+            from bo_search.gptq import ensure_calibrated  # quant: torch
+
+            ensure_calibrated(setup.eval_cfg, setup.ref, setup.layers)  # --quantizer gptq: once, here, not in every worker
             pool = _start_pool(setup, gpus, cluster_gpus, worker_cls)
         if callable(goal):
             assert pool is not None
@@ -330,6 +346,7 @@ def row_defaults(setup: Setup, goal: Goal, row_extra: dict[str, Any] | None = No
         "search": goal.search,
         "model_id": setup.ref.fingerprint,
         "space_id": setup.space.fingerprint,
+        "quantizer": setup.eval_cfg.quantizer,
         "goal": goal_text(goal),
         "limit_metric": "" if goal.multi else goal.constraint_metric,
         "limit": None if goal.multi else goal.limit,
