@@ -214,9 +214,7 @@ def collect_hessians(
     missing = [f for f in fqns if f not in source]
     if missing:
         raise RuntimeError(f"GPTQ: layer {missing[0]} never ran in a forward pass")
-    return Hessians(
-        {k: (v / count).float() for k, v in sums.items()}, {k: (v / count).float() for k, v in means.items()}, source, count
-    )
+    return Hessians({k: (v / count).float() for k, v in sums.items()}, {k: (v / count).float() for k, v in means.items()}, source, count)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +249,9 @@ def _block_width(g: int) -> int:
     return 1
 
 
-def _qparams(wg: torch.Tensor, qmin: torch.Tensor, qmax: torch.Tensor, symmetric: bool, scheme: QuantScheme) -> tuple[torch.Tensor, torch.Tensor]:
+def _qparams(
+    wg: torch.Tensor, qmin: torch.Tensor, qmax: torch.Tensor, symmetric: bool, scheme: QuantScheme
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``quant.choose_qparams`` with a code range per row (rows of several bit widths at once);
     the same arithmetic, so one bit width gives the same scale and zero point bit for bit."""
     mn, mx = torch.aminmax(wg, dim=-1, keepdim=True)
@@ -638,7 +638,9 @@ def choose_damp(
     return chosen, rows
 
 
-def _paths(model_id: str, corpus_id: str, seq_len: int, cfg: GptqConfig, scheme: QuantScheme, fqns: Sequence[str]) -> tuple[str, Path, Path, Path]:
+def _paths(
+    model_id: str, corpus_id: str, seq_len: int, cfg: GptqConfig, scheme: QuantScheme, fqns: Sequence[str]
+) -> tuple[str, Path, Path, Path]:
     """(calibration key, its JSON, the Hessians' file, the lock) in the cache."""
     hkey = hessian_key(model_id, corpus_id, seq_len, cfg.tokens, fqns)
     key = calibration_key(hkey, cfg, scheme)
@@ -669,7 +671,9 @@ def cached_description(eval_cfg: Any, ref: Any, layers: ModelLayers) -> dict[str
 
     cfg = GptqConfig(tokens=eval_cfg.gptq_tokens)
     scheme = QuantScheme(scale_dtype=eval_cfg.scale_dtype, zero_bits=eval_cfg.zero_bits)
-    _key, meta, hpath, _lock = _paths(ref.fingerprint, load_corpus(eval_cfg.eval_text).fingerprint, eval_cfg.max_seqlen, cfg, scheme, layers.fqns)
+    _key, meta, hpath, _lock = _paths(
+        ref.fingerprint, load_corpus(eval_cfg.eval_text).fingerprint, eval_cfg.max_seqlen, cfg, scheme, layers.fqns
+    )
     cal = _read_calibration(meta, hpath)
     return description(cal, cfg) if cal is not None else None
 
@@ -688,7 +692,10 @@ def calibrate(ctx: ModelContext, cfg: GptqConfig, progress: Callable[..., Any] |
         t0 = time.perf_counter()
         computed = not hpath.is_file()
         if computed:
-            print(f"GPTQ: Hessians of {len(ctx.layers.linears)} linears on {windows.n_tokens:,} calibration tokens (once per model and text)", flush=True)
+            print(
+                f"GPTQ: Hessians of {len(ctx.layers.linears)} linears on {windows.n_tokens:,} calibration tokens (once per model and text)",
+                flush=True,
+            )
             hess = collect_hessians(ctx.model, ctx.layers.fqns, windows.ids, ctx.cfg.batch_size, progress)
             hess.save(hpath)
         else:

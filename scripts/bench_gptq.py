@@ -48,6 +48,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--val_tokens", type=int, default=gptq.CHOICE_TOKENS)
     p.add_argument("--heldout_tokens", type=int, default=8192)
     p.add_argument("--max_seqlen", type=int, default=512)
+    p.add_argument("--batch_size", type=int, default=4, help="windows per forward pass (2 for a 262k vocabulary)")
     p.add_argument("--out", required=True)
     return p.parse_args()
 
@@ -77,7 +78,9 @@ def sequential_apply(ctx: ModelContext, windows: Any, reg: gptq.Regulariser, lq:
     t0 = time.perf_counter()
     for b in range(ctx.layers.n_blocks):
         lins = ctx.layers.in_block(b)
-        hess = gptq.collect_hessians(ctx.model, [li.fqn for li in lins], windows.ids, ctx.cfg.batch_size, stop_after=f"{ctx.layers.blocks_fqn}.{b}")
+        hess = gptq.collect_hessians(
+            ctx.model, [li.fqn for li in lins], windows.ids, ctx.cfg.batch_size, stop_after=f"{ctx.layers.blocks_fqn}.{b}"
+        )
         q = gptq.GptqQuantizer(lambda h=hess: h, reg, None, ctx.scheme)
         for li in lins:
             modules[li.fqn].weight.copy_(q.fake_quantize(li.fqn, ctx.applier.original(li.fqn), lq))
@@ -88,7 +91,7 @@ def main() -> None:
     args = parse()
     torch.manual_seed(0)
     cfg = EvalConfig(checkpoint=args.checkpoint, eval_text=args.eval_text, eval_tokens=args.max_seqlen, heldout_tokens=args.heldout_tokens,
-                     max_seqlen=args.max_seqlen, gptq_tokens=args.gptq_tokens)  # fmt: skip
+                     max_seqlen=args.max_seqlen, gptq_tokens=args.gptq_tokens, batch_size=args.batch_size)  # fmt: skip
     t0 = time.perf_counter()
     ctx = ModelContext(cfg)
     print(f"model {ctx.ref.name}: {len(ctx.layers.linears)} linears; loaded in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -108,7 +111,10 @@ def main() -> None:
     eval_s = time.perf_counter() - t0
     fp_test = perplexity(ctx.model, held, cfg.batch_size)
     meta.update(fp_val_ppl=fp_val.ppl, fp_test_ppl=fp_test.ppl, val_tokens=val.n_tokens, test_tokens=held.n_tokens, val_eval_s=eval_s)
-    print(f"full precision: validation {fp_val.ppl:.3f} ({val.n_tokens} tokens, {eval_s:.1f} s), test {fp_test.ppl:.3f} ({held.n_tokens})", flush=True)
+    print(
+        f"full precision: validation {fp_val.ppl:.3f} ({val.n_tokens} tokens, {eval_s:.1f} s), test {fp_test.ppl:.3f} ({held.n_tokens})",
+        flush=True,
+    )
 
     if args.choice:  # the product path, from scratch for this cache: Hessians, then the damping choice
         t0 = time.perf_counter()
@@ -143,11 +149,16 @@ def main() -> None:
                    "test_ppl": t.ppl, "test_ppl_sem": t.ppl_sem, "quantize_s": quant_s}  # fmt: skip
             rows.append(row)
             save()
-            print(f"{lq.label():8s} {args.variant:9s} seq={int(args.sequential)} damp {d:>6s}: val {v.ppl:8.3f}  test {t.ppl:8.3f}  ({quant_s:.1f} s)", flush=True)
+            print(
+                f"{lq.label():8s} {args.variant:9s} seq={int(args.sequential)} damp {d:>6s}: val {v.ppl:8.3f}  test {t.ppl:8.3f}  ({quant_s:.1f} s)",
+                flush=True,
+            )
     for setting in dict.fromkeys(r["setting"] for r in rows):
         rs = [r for r in rows if r["setting"] == setting]
         bv, bt = min(rs, key=lambda r: r["val_nll"]), min(rs, key=lambda r: r["test_ppl"])
-        print(f"{setting}: validation picks damp {bv['damp']} (test {bv['test_ppl']:.3f}); test-best damp {bt['damp']} ({bt['test_ppl']:.3f})")
+        print(
+            f"{setting}: validation picks damp {bv['damp']} (test {bv['test_ppl']:.3f}); test-best damp {bt['damp']} ({bt['test_ppl']:.3f})"
+        )
 
 
 def _calibration(ctx: ModelContext) -> dict[str, Any]:

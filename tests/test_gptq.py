@@ -84,7 +84,15 @@ def test_rtn_codes_dequantize_to_fake_quantize():
 def gptq_ctx(tiny_llama):
     from bo_search.trial import EvalConfig, ModelContext
 
-    cfg = EvalConfig(checkpoint=str(tiny_llama), eval_text="pydoc", eval_tokens=256, heldout_tokens=256, max_seqlen=64, quantizer="gptq", gptq_tokens=2048)
+    cfg = EvalConfig(
+        checkpoint=str(tiny_llama),
+        eval_text="pydoc",
+        eval_tokens=256,
+        heldout_tokens=256,
+        max_seqlen=64,
+        quantizer="gptq",
+        gptq_tokens=2048,
+    )
     return ModelContext(cfg)
 
 

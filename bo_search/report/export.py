@@ -162,7 +162,14 @@ def save_checkpoint(ctx: ModelContext, plan: QuantPlan, out_dir: str | Path, inf
     ctx.applier.check(plan)
     ctx.safe_restore()  # layers left at 16 bits are written from the model itself: it must hold originals
     save_packed(
-        ctx.model, ctx.layers, plan, out, ctx.scheme, fp_dtype=ctx.size_model.fp_dtype, originals=ctx.applier, quantizer=ctx.applier.quantizer
+        ctx.model,
+        ctx.layers,
+        plan,
+        out,
+        ctx.scheme,
+        fp_dtype=ctx.size_model.fp_dtype,
+        originals=ctx.applier,
+        quantizer=ctx.applier.quantizer,
     )
     ctx.tok.save_pretrained(str(out))
     meta = {

@@ -76,8 +76,8 @@ def compute(
             "seq_len": windows.seq_len,
             "n_tokens": windows.n_tokens,
         },
-        scheme={"scale_dtype": ctx.scheme.scale_dtype, "zero_bits": ctx.scheme.zero_bits, "mse_clip": ctx.scheme.mse_clip,
-                **quantizer_key(ctx.quantizer_description())},  # fmt: skip
+        scheme={"scale_dtype": ctx.scheme.scale_dtype, "zero_bits": ctx.scheme.zero_bits, "mse_clip": ctx.scheme.mse_clip}
+        | quantizer_key(ctx.quantizer_description()),
         units=units,
         scores=scores,
         costs=costs,
