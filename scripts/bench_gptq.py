@@ -44,6 +44,15 @@ def parse() -> argparse.Namespace:
     p.add_argument("--variant", default="base", choices=["base", "act_order", "mean"])
     p.add_argument("--sequential", action="store_true")
     p.add_argument("--choice", action="store_true", help="run the product's damping choice (as a gptq search would) and time it")
+    p.add_argument(
+        "--apply_cost",
+        type=int,
+        default=0,
+        metavar="N",
+        help="time PlanApplier.apply of N random plans of the embedded space with rtn and with the product's gptq (codes read "
+        "from the cache the FIT sensitivity fills), against one evaluation of --eval_tokens",
+    )
+    p.add_argument("--eval_tokens", type=int, default=2048)
     p.add_argument("--gptq_tokens", type=int, default=8192)
     p.add_argument("--val_tokens", type=int, default=gptq.CHOICE_TOKENS)
     p.add_argument("--heldout_tokens", type=int, default=8192)
@@ -116,6 +125,11 @@ def main() -> None:
         flush=True,
     )
 
+    if args.apply_cost:
+        meta["apply_cost"] = apply_cost(cfg, args)
+        save()
+        return
+
     if args.choice:  # the product path, from scratch for this cache: Hessians, then the damping choice
         t0 = time.perf_counter()
         gctx = ModelContext(EvalConfig(**{**cfg.to_dict(), "quantizer": "gptq"}), heldout=False)
@@ -159,6 +173,43 @@ def main() -> None:
         print(
             f"{setting}: validation picks damp {bv['damp']} (test {bv['test_ppl']:.3f}); test-best damp {bt['damp']} ({bt['test_ppl']:.3f})"
         )
+
+
+def apply_cost(cfg: EvalConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """Seconds to apply random plans (each from the previous one, as consecutive trials do; and from
+    full precision), with each quantizer, against one evaluation of the search windows."""
+    import random
+    import statistics
+
+    from bo_search.metrics import perplexity
+    from bo_search.structure import resolve_space
+
+    out: dict[str, Any] = {}
+    for name in ("rtn", "gptq"):
+        ctx = ModelContext(EvalConfig(**{**cfg.to_dict(), "quantizer": name, "eval_tokens": args.eval_tokens}), heldout=False)
+        space = resolve_space(None, ctx.layers, ctx.ref)
+        rng = random.Random(0)
+        plans = [space.decode({p.name: rng.choice(p.values) for p in space.tunable}) for _ in range(args.apply_cost)]
+        t0 = time.perf_counter()
+        perplexity(ctx.model, ctx.search_windows, ctx.cfg.batch_size)
+        eval_s = time.perf_counter() - t0
+        steps, full = [], []
+        for plan in plans:
+            t0 = time.perf_counter()
+            ctx.applier.apply(plan)  # from the previous plan
+            steps.append(time.perf_counter() - t0)
+        for plan in plans:
+            ctx.applier.restore()
+            t0 = time.perf_counter()
+            ctx.applier.apply(plan)  # every layer rewritten
+            full.append(time.perf_counter() - t0)
+        ctx.applier.restore()
+        q = ctx.applier.quantizer
+        out[name] = {"eval_s": eval_s, "apply_next_s": statistics.mean(steps), "apply_all_s": statistics.mean(full),
+                     "next_ratio": statistics.mean(steps) / eval_s, "all_ratio": statistics.mean(full) / eval_s,
+                     "stats": dict(q.stats) if q is not None else None}  # fmt: skip
+        print(f"{name}: {out[name]}", flush=True)
+    return out
 
 
 def _calibration(ctx: ModelContext) -> dict[str, Any]:
