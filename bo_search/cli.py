@@ -48,6 +48,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--mse_clip", action="store_true", help="choose each group's clip ratio to minimise ||W - Q(W)||^2 instead of plain min/max"
     )
     g.add_argument(
+        "--quantizer",
+        default="rtn",
+        help="how the affine codes are chosen, in the same storage format: rtn (plain min/max rounding, default) or gptq (GPTQ "
+        "error compensation from calibration-split Hessians, its damping chosen per model on the validation split; computed once "
+        "per model and text, then cached)",
+    )
+    g.add_argument("--gptq_tokens", type=int, default=8192, help="calibration tokens of GPTQ's Hessians (default 8192)")
+    g.add_argument(
         "--fp_dtype",
         default=None,
         choices=["float32", "float16", "bfloat16"],

@@ -51,13 +51,19 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
 _ZERO_DTYPES = {8: torch.int8, 16: torch.int16, 32: torch.int32}
 
 
-def quantize_layer_packed(w: torch.Tensor, lq: LayerQuant, scheme: QuantScheme) -> dict[str, torch.Tensor]:
-    """Packed tensors for one layer: ``codes`` (uint8 bit stream), ``scale`` and, if asymmetric, ``zero``."""
+def quantize_layer_packed(
+    w: torch.Tensor, lq: LayerQuant, scheme: QuantScheme, codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """Packed tensors for one layer: ``codes`` (uint8 bit stream), ``scale`` and, if asymmetric, ``zero``.
+    ``codes``: (codes, scale, zero) chosen by another quantizer (GPTQ) instead of plain rounding."""
     out_f, in_f = w.shape
-    g = effective_group(in_f, lq.group_size)
-    wg = w.reshape(out_f, in_f // g, g).float()
-    scale, zp = mse_clip_qparams(wg, lq, scheme) if scheme.mse_clip else choose_qparams(wg, lq.bits, lq.symmetric, scheme)
-    q = quantize_codes(wg, scale, zp, lq.bits)
+    if codes is not None:
+        q, scale, zp = codes
+    else:
+        g = effective_group(in_f, lq.group_size)
+        wg = w.reshape(out_f, in_f // g, g).float()
+        scale, zp = mse_clip_qparams(wg, lq, scheme) if scheme.mse_clip else choose_qparams(wg, lq.bits, lq.symmetric, scheme)
+        q = quantize_codes(wg, scale, zp, lq.bits)
     qmin, _ = qrange(lq.bits)
     tensors = {"codes": pack_bits((q - qmin).to(torch.int32), lq.bits), "scale": scale.reshape(out_f, -1).contiguous()}
     if not lq.symmetric:
@@ -93,10 +99,12 @@ def save_packed(
     scheme: QuantScheme = DEFAULT_SCHEME,
     fp_dtype: str | None = None,
     originals: PlanApplier | None = None,
+    quantizer: Any = None,
 ) -> Path:
     """Write ``model.safetensors`` with bit-packed quantized layers and every other tensor at its storage dtype.
 
-    ``originals`` supplies unquantized weights when the model currently holds fake-quantized ones.
+    ``originals`` supplies unquantized weights when the model currently holds fake-quantized ones;
+    ``quantizer`` (e.g. a ``gptq.GptqQuantizer``) chooses the codes, else plain rounding.
     """
     from safetensors.torch import save_file
 
@@ -120,7 +128,8 @@ def save_packed(
         lq = plan.setting(fqn) if name.endswith(".weight") and fqn in infos else None
         if lq is not None and lq.is_quantized:
             w = originals.original(fqn) if originals is not None else t
-            for key, val in quantize_layer_packed(w.detach().cpu(), lq, scheme).items():
+            codes = quantizer.codes(fqn, w.detach().cpu(), lq) if quantizer is not None else None
+            for key, val in quantize_layer_packed(w.detach().cpu(), lq, scheme, codes).items():
                 out[f"{name}.{key}"] = val
         else:
             out[name] = t.detach().cpu().to(fp if t.is_floating_point() else t.dtype).contiguous()
@@ -129,12 +138,43 @@ def save_packed(
         "format": PACKED_FORMAT,
         "plan": plan.dumps(),
         "scheme": json.dumps({"scale_dtype": scheme.scale_dtype, "zero_bits": scheme.zero_bits, "mse_clip": scheme.mse_clip}),
+        "quantizer": json.dumps(quantizer.describe() if quantizer is not None else {"quantizer": "rtn"}),
         "tied": json.dumps(tied),
         "shapes": json.dumps({f: [infos[f].out_features, infos[f].in_features] for f in plan if plan[f].is_quantized}),
     }
     save_file(out, str(path / "model.safetensors"), metadata=meta)
     model.config.save_pretrained(str(path))
     return path / "model.safetensors"
+
+
+def load_packed_codes(path: str | Path) -> dict[str, tuple[LayerQuant, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per quantized layer of a packed checkpoint: (setting, codes (out, in) int32 in the signed range,
+    scale (out, n_groups) as stored, zero point (out, n_groups) int32; 0 for symmetric codes)."""
+    from safetensors import safe_open
+
+    file = Path(path)
+    if file.is_dir():
+        file = file / "model.safetensors"
+    if not file.is_file():
+        raise UserError(f"packed checkpoint not found: {file}")
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != PACKED_FORMAT:
+            raise UserError(f"{file} is not a bo_search packed checkpoint (format {meta.get('format')!r})")
+        plan = QuantPlan.loads(meta["plan"])
+        shapes = json.loads(meta["shapes"])
+        out = {}
+        for fqn, lq in plan.items():
+            if not lq.is_quantized:
+                continue
+            out_f, in_f = shapes[fqn]
+            qmin, _ = qrange(lq.bits)
+            codes = unpack_bits(f.get_tensor(f"{fqn}.weight.codes"), lq.bits, out_f * in_f).add_(qmin).reshape(out_f, in_f)
+            scale = f.get_tensor(f"{fqn}.weight.scale")
+            zkey = f"{fqn}.weight.zero"
+            zero = f.get_tensor(zkey).to(torch.int32) if zkey in f.keys() else torch.zeros(scale.shape, dtype=torch.int32)
+            out[fqn] = (lq, codes, scale, zero)
+    return out
 
 
 def load_packed_state(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[dict[str, torch.Tensor], QuantPlan]:

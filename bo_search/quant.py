@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from bo_search.model import LinearInfo, ModelLayers
-from bo_search.types import FULL_PRECISION, PER_CHANNEL, LayerQuant, QuantPlan, UserError, ggml_effective_type
+from bo_search.types import FULL_PRECISION, PER_CHANNEL, LayerQuant, QuantPlan, UserError, did_you_mean, ggml_effective_type
 
 if TYPE_CHECKING:
     pass
@@ -55,6 +55,16 @@ class QuantScheme:
 
 
 DEFAULT_SCHEME = QuantScheme()
+
+#: how the affine scheme chooses its codes (``--quantizer``): ``rtn`` plain min/max rounding to
+#: nearest; ``gptq`` GPTQ's error compensation (:mod:`bo_search.gptq`). Same storage format.
+QUANTIZERS = ("rtn", "gptq")
+
+
+def check_quantizer(name: str) -> str:
+    if name not in QUANTIZERS:
+        raise did_you_mean(name, QUANTIZERS, "quantizer")
+    return name
 
 
 def qrange(bits: int) -> tuple[int, int]:
@@ -180,9 +190,13 @@ class PlanApplier:
     share most of their plan cost little; ``restore`` copies the originals back bit for bit.
     """
 
-    def __init__(self, model: Any, layers: ModelLayers, scheme: QuantScheme = DEFAULT_SCHEME, keep_on: str | None = None):
+    def __init__(
+        self, model: Any, layers: ModelLayers, scheme: QuantScheme = DEFAULT_SCHEME, keep_on: str | None = None, quantizer: Any = None
+    ):
         self.layers = layers
         self.scheme = scheme
+        #: chooses the affine codes of a layer (``fake_quantize(fqn, w, lq)``, e.g. a ``gptq.GptqQuantizer``); None: plain rounding
+        self.quantizer = quantizer
         modules = dict(model.named_modules())
         self._weights: dict[str, torch.nn.Parameter] = {}
         self._orig: dict[str, torch.Tensor] = {}
@@ -214,7 +228,7 @@ class PlanApplier:
             orig = self._orig[fqn]
             if orig.device != weight.device:
                 orig = orig.to(weight.device, non_blocking=True)
-            weight.copy_(fake_quantize(orig, target, self.scheme) if target.is_quantized else orig)
+            weight.copy_(self.fake_quantize(fqn, orig, target) if target.is_quantized else orig)
             self._current[fqn] = target
             changed += 1
         return changed
@@ -228,6 +242,12 @@ class PlanApplier:
 
     def original(self, fqn: str) -> torch.Tensor:
         return self._orig[fqn]
+
+    def fake_quantize(self, fqn: str, w: torch.Tensor, lq: LayerQuant) -> torch.Tensor:
+        """Layer ``fqn``'s weight ``w`` (its original) quantized and dequantized at ``lq`` by this applier's quantizer."""
+        if self.quantizer is not None and not lq.ggml_type and lq.is_quantized:
+            return self.quantizer.fake_quantize(fqn, w, lq)
+        return fake_quantize(w, lq, self.scheme)
 
 
 def torchao_layer_config(lq: LayerQuant, in_features: int, device: str = "cpu", scheme: QuantScheme = DEFAULT_SCHEME) -> Any:

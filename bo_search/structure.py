@@ -73,6 +73,11 @@ def load_structure(args: argparse.Namespace) -> Structure:
         )
     scheme = QuantScheme(scale_dtype=args.scale_dtype, zero_bits=args.zero_bits, mse_clip=args.mse_clip)
     if space.is_ggml:
+        if eval_cfg.quantizer != "rtn":
+            raise UserError(
+                f"--quantizer {eval_cfg.quantizer} chooses codes of the affine int scheme; {space.source} is in llama.cpp types, "
+                "which round as llama.cpp does (leave out --quantizer)"
+            )
         eval_cfg = dataclasses.replace(eval_cfg, ggml_sizes=True)
     size_model = SizeModel(
         model,

@@ -38,6 +38,10 @@ class EvalConfig:
     scale_dtype: str = "float16"
     zero_bits: int = 16
     mse_clip: bool = False
+    #: how the affine codes are chosen: rtn (plain rounding) or gptq (error compensation, bo_search.gptq)
+    quantizer: str = "rtn"
+    #: calibration tokens of GPTQ's Hessians
+    gptq_tokens: int = 8192
     fp_dtype: str | None = None
     include_lm_head: bool = False
     device: str = "cpu"
@@ -67,6 +71,18 @@ class EvalConfig:
             from bo_search.throughput import check_throughput_model
 
             check_throughput_model(self.throughput_model)
+        from bo_search.quant import check_quantizer
+
+        check_quantizer(self.quantizer)
+        if self.quantizer != "rtn" and self.mse_clip:
+            raise UserError(f"--mse_clip chooses plain rounding's clip ratios; it does not combine with --quantizer {self.quantizer}")
+        if self.quantizer != "rtn" and self.throughput_model == "measured":
+            raise UserError(
+                f"--throughput_model measured times torchao kernels that re-round the weights with min/max, not --quantizer "
+                f"{self.quantizer}'s codes; use --throughput_model predicted, or --quantizer rtn"
+            )
+        if self.gptq_tokens < 1:
+            raise UserError(f"--gptq_tokens must be positive, got {self.gptq_tokens}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise did_you_mean(self.compute_dtype, COMPUTE_DTYPES, "--compute_dtype")
         if self.decode_tokens <= 0 or self.prompt_tokens <= 0 or self.decode_repeats <= 0:
@@ -121,6 +137,10 @@ class ModelContext:
         self.heldout_windows = (
             split_windows(self.tok, self.corpus, "test", cfg.heldout_tokens, cfg.max_seqlen) if heldout and cfg.heldout_tokens > 0 else None
         )
+        if cfg.quantizer == "gptq":
+            from bo_search.gptq import GptqConfig, make_quantizer
+
+            self.applier.quantizer = make_quantizer(self, GptqConfig(tokens=cfg.gptq_tokens))
         self.load_s = time.perf_counter() - t0
         self._bytes_model: Any = None
         self._llamacpp: Any = None
@@ -241,9 +261,15 @@ class ModelContext:
             "seq_len": self.search_windows.seq_len,
             "scale_dtype": self.scheme.scale_dtype,
             "zero_bits": self.scheme.zero_bits,
+            "quantizer": self.quantizer_description(),
             "storage_dtype": self.size_model.fp_dtype,
             "size_unit": "GB = 1e9 bytes",
         }
+
+    def quantizer_description(self) -> dict[str, Any]:
+        """How the affine codes are chosen (``{"quantizer": "rtn"}``, or GPTQ with its regulariser)."""
+        q = self.applier.quantizer
+        return q.describe() if q is not None else {"quantizer": "rtn", **({"mse_clip": True} if self.scheme.mse_clip else {})}
 
     def measure(self, plan: QuantPlan, heldout: bool = False) -> dict[str, Any]:
         """Size and perplexity of one plan (model restored afterwards)."""

@@ -83,7 +83,9 @@ class Bench:
         self.args = args
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.ctx = ModelContext(EvalConfig(eval_tokens=args.eval_tokens, heldout_tokens=args.heldout_tokens))
+        # the searches' quantizer (--search_args '--quantizer gptq') measures every plan here too
+        quantizer = search_flag(args.search_args, "--quantizer", "rtn")
+        self.ctx = ModelContext(EvalConfig(eval_tokens=args.eval_tokens, heldout_tokens=args.heldout_tokens, quantizer=quantizer))
         self.space_path = Path(args.space).resolve()
         self.space = load_space(self.space_path, self.ctx.layers)
         n = sum(li.numel for li in self.ctx.layers.linears)
@@ -122,6 +124,17 @@ class Bench:
             if math.isnan(out[i]):
                 out[i] = out[i + 1]
         return out
+
+
+def search_flag(search_args: str, flag: str, default: str) -> str:
+    """The value of ``flag`` in ``--search_args`` (``--flag VALUE`` or ``--flag=VALUE``), else ``default``."""
+    parts = search_args.split()
+    for i, p in enumerate(parts):
+        if p == flag and i + 1 < len(parts):
+            return parts[i + 1]
+        if p.startswith(flag + "="):
+            return p.split("=", 1)[1]
+    return default
 
 
 def curve_marks(trials: int) -> list[int]:
@@ -179,8 +192,9 @@ def seed_history(b: Bench) -> tuple[Path, int]:
     from bo_search.search import runner, seeding
 
     args = acc_modelsize.build_parser().parse_args(
-        ["--avg_bits", str(b.args.avg_bits), "--parameters_list", str(b.space_path), "--history_output", os.devnull]
-    )
+        ["--avg_bits", str(b.args.avg_bits), "--parameters_list", str(b.space_path), "--history_output", os.devnull,
+         *b.args.search_args.split()]
+    )  # fmt: skip
     setup = runner.prepare(args, "modelsize", take_lock=False)
     seeds = seeding.seeds_for(setup, "auto", acc_modelsize.size_limit(setup, None, b.args.avg_bits))
     hist = b.out / "seeds.csv"

@@ -14,6 +14,7 @@ from bo_search.report import export
 from bo_search.report.analysis import Analysis, ReportOptions
 from bo_search.report.baselines import heldout_direct
 from bo_search.search.history import HistoryRow
+from bo_search.search.identity import recorded_quantizer
 from bo_search.types import QuantPlan, UserError
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ def write_exports(
     write_json(plan_json, export.plan_document(plan, **info))
     in_features = {li.fqn: li.in_features for li in layers.linears} if layers is not None else None
     scheme = ctx.scheme if ctx is not None else None
-    tao = export.torchao_document(plan, in_features, opts.torchao_device, scheme)
+    tao = export.torchao_document(plan, in_features, opts.torchao_device, scheme, recorded_quantizer(row))
     tao_json = d / "torchao_config.json"
     write_json(tao_json, tao)
     types, notes = export.gguf_tensor_types(plan, layers, model_type)

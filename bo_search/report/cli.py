@@ -15,6 +15,7 @@ from bo_search.report.analysis import ReportOptions, analyse, choose_export_row,
 from bo_search.report.build import build_report, check_model
 from bo_search.report.gguf import CONVERT_HINT, check_gguf_plan, export_gguf
 from bo_search.runtime import DecodeSpec, measure_file
+from bo_search.search import identity
 from bo_search.search.history import HistoryRow
 from bo_search.types import UserError
 
@@ -132,6 +133,7 @@ def _main(args: argparse.Namespace) -> int:
                 raise UserError(f"{err}; or add --no_llamacpp to write the GGUF without measuring it") from None
     for line, why in an.skipped:
         print(f"warning: {history.name} line {line} skipped ({why})", file=sys.stderr)
+    _quantizer_from_history(args, loaded.rows, history)
     ctx = None
     layers = model_type = None
     if opts.evaluate or opts.save_checkpoint:
@@ -170,6 +172,18 @@ def _main(args: argparse.Namespace) -> int:
         if not args.no_llamacpp:
             _measure_gguf(args, opts.gguf, export_row)
     return 0
+
+
+def _quantizer_from_history(args: argparse.Namespace, rows: Sequence[HistoryRow], history: Path) -> None:
+    """Plans are re-measured and exported with the quantizer they were searched with: the history's,
+    unless --quantizer names another (refused)."""
+    recorded = sorted({identity.recorded_quantizer(r) for r in rows})
+    if len(recorded) != 1 or recorded[0] == args.quantizer:
+        return
+    if args.quantizer != "rtn":  # the flag's default is rtn: anything else was asked for
+        raise UserError(f"{history.name} was searched with --quantizer {recorded[0]}, not {args.quantizer}: pass --quantizer {recorded[0]}")
+    args.quantizer = recorded[0]
+    print(f"{history.name} was searched with --quantizer {recorded[0]}: re-measuring and exporting with it", flush=True)
 
 
 def _measure_gguf(args: argparse.Namespace, path: Path, row: HistoryRow) -> None:

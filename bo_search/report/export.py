@@ -77,7 +77,7 @@ def _readable(value: Any) -> Any:
 
 
 def torchao_document(
-    plan: QuantPlan, in_features: Mapping[str, int] | None = None, device: str = "cpu", scheme: Any = None
+    plan: QuantPlan, in_features: Mapping[str, int] | None = None, device: str = "cpu", scheme: Any = None, quantizer: str = "rtn"
 ) -> dict[str, Any]:
     """Per layer the torchao config (class + arguments) and the whole ``FqnToConfig`` as torchao serialises it.
 
@@ -123,6 +123,7 @@ def torchao_document(
         "layers": layers,
         "unquantized": unquantized,
         **({"ggml_layers_not_in_torchao": ggml_layers, "note": GGML_TORCHAO_NOTE} if ggml_layers else {}),
+        **({"quantizer": quantizer, "codes_note": CODES_NOTE.format(quantizer=quantizer)} if quantizer != "rtn" else {}),
         "torchao": config_to_dict(FqnToConfig(fqn_to_config=mapping)),
     }
 
@@ -160,7 +161,16 @@ def save_checkpoint(ctx: ModelContext, plan: QuantPlan, out_dir: str | Path, inf
     out = Path(out_dir)
     ctx.applier.check(plan)
     ctx.safe_restore()  # layers left at 16 bits are written from the model itself: it must hold originals
-    save_packed(ctx.model, ctx.layers, plan, out, ctx.scheme, fp_dtype=ctx.size_model.fp_dtype, originals=ctx.applier)
+    save_packed(
+        ctx.model,
+        ctx.layers,
+        plan,
+        out,
+        ctx.scheme,
+        fp_dtype=ctx.size_model.fp_dtype,
+        originals=ctx.applier,
+        quantizer=ctx.applier.quantizer,
+    )
     ctx.tok.save_pretrained(str(out))
     meta = {
         "format": "bo_search.export/1",
@@ -168,6 +178,8 @@ def save_checkpoint(ctx: ModelContext, plan: QuantPlan, out_dir: str | Path, inf
         "source_model": ctx.ref.name,
         "source_fingerprint": ctx.ref.fingerprint,
         "scheme": {"scale_dtype": ctx.scheme.scale_dtype, "zero_bits": ctx.scheme.zero_bits, "mse_clip": ctx.scheme.mse_clip},
+        "quantizer": ctx.quantizer_description(),
+        "torchao": "from bo_search.export import load_torchao; model, tok = load_torchao(DIR): torchao IntxWeightOnlyConfig tensors holding these codes",
         "storage_dtype": ctx.size_model.fp_dtype,
         "histogram": plan.histogram(),
         **dict(info or {}),
@@ -205,6 +217,33 @@ def load_quantized(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     model = model.to(device)
     model.eval()
     model.requires_grad_(False)
+    return model, tok
+
+
+def load_torchao(path: str | Path, device: str = "cpu") -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from a directory written by :func:`save_checkpoint`, every quantized
+    linear holding torchao's ``IntxUnpackedToInt8Tensor`` (what ``IntxWeightOnlyConfig`` stores on
+    CPU) built from the checkpoint's own codes, float16 scales and zero points, so whatever quantizer
+    chose the codes (plain rounding or GPTQ), torchao runs exactly the weights that were searched."""
+    import torch
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
+
+    from bo_search.packing import load_packed_codes
+
+    model, tok = load_quantized(path, device)
+    modules = dict(model.named_modules())
+    for fqn, (lq, codes, scale, zero) in load_packed_codes(path).items():
+        g = codes.shape[1] // scale.shape[1]
+        weight = IntxUnpackedToInt8Tensor(
+            qdata=codes.to(torch.int8).to(device),
+            scale=scale.to(device),
+            zero_point=zero.to(torch.int8).to(device),
+            target_dtype=getattr(torch, f"int{lq.bits}"),
+            block_size=(1, g),
+            dtype=torch.float32,
+            activation_quantization=None,
+        )
+        modules[fqn].weight = torch.nn.Parameter(weight, requires_grad=False)
     return model, tok
 
 
@@ -344,6 +383,11 @@ def llama_quantize_command(types: Sequence[GgufTensorType], src: str = "model-f1
     return " \\\n".join(lines)
 
 
+CODES_NOTE = (
+    "the codes were chosen by --quantizer {quantizer}; quantize_ with this config rounds the original weights with min/max "
+    "instead and does not reproduce them. For torchao tensors holding the searched codes, export the checkpoint "
+    "(report --save_checkpoint) and load it with bo_search.export.load_torchao(DIR)"
+)
 GGML_TORCHAO_NOTE = "these layers are in llama.cpp types, which torchao does not have: write the GGUF (report --gguf out.gguf)"
 GGUF_EXACT = (
     "SEARCHED TYPES: the plan was searched in llama.cpp's own types, listed here exactly. llama-quantize rounds with "

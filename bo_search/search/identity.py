@@ -5,7 +5,8 @@ that cannot be compared.
 
 - Other weights (same names and shapes, other values: a retrained checkpoint): refused.
 - Another text, number of search tokens, window length or quantizer (``--eval_text``,
-  ``--eval_tokens``, ``--max_seqlen``, ``--mse_clip``): refused; the same plan scores differently.
+  ``--eval_tokens``, ``--max_seqlen``, ``--mse_clip``, ``--quantizer``): refused; the same plan
+  scores differently.
 - Another compute dtype (``--compute_dtype``, or ``auto`` resolving differently, e.g. GPU workers then
   CPU ones): continued only with ``--change_compute_dtype``; the numbers differ slightly and each row
   records its dtype.
@@ -30,7 +31,9 @@ if TYPE_CHECKING:
     from bo_search.trial import EvalConfig
 
 #: recorded settings, in the order messages list them; each is the flag of the same name
-EVAL_KEYS = ("eval_text", "eval_tokens", "max_seqlen", "mse_clip", "compute_dtype")
+EVAL_KEYS = ("eval_text", "eval_tokens", "max_seqlen", "mse_clip", "quantizer", "compute_dtype")
+#: a setting's value in rows written before it was recorded (rows before --quantizer rounded plainly)
+RECORDED_BEFORE = {"quantizer": "rtn"}
 #: settings a history may change with consent (the numbers stay comparable, if not identical)
 CONSENT_FLAGS = {"compute_dtype": "--change_compute_dtype"}
 #: test-only, read as the worker pool reads it (bo_search.search.workers.TEST_GPU_AS_CPU_ENV)
@@ -65,6 +68,7 @@ def eval_settings(cfg: EvalConfig, on_gpu: bool) -> dict[str, Any]:
         "eval_tokens": cfg.eval_tokens,
         "max_seqlen": cfg.max_seqlen,
         "mse_clip": bool(cfg.mse_clip),
+        "quantizer": cfg.quantizer,
         "compute_dtype": worker_compute_dtype(cfg, on_gpu),
     }
 
@@ -72,6 +76,11 @@ def eval_settings(cfg: EvalConfig, on_gpu: bool) -> dict[str, Any]:
 def row_fields(ref: CheckpointRef, settings: dict[str, Any]) -> dict[str, str]:
     """The two history columns of every row this run writes."""
     return {"weights_id": ref.weights_id, "eval_settings": json.dumps(settings, sort_keys=True, separators=(",", ":"))}
+
+
+def recorded_quantizer(row: HistoryRow) -> str:
+    """The ``--quantizer`` a row was scored with (``rtn`` for rows from before it was recorded)."""
+    return str(_recorded(row).get("quantizer", RECORDED_BEFORE["quantizer"]))
 
 
 def _recorded(row: HistoryRow) -> dict[str, Any]:
@@ -114,6 +123,8 @@ def check_history(path: Path, rows: Sequence[HistoryRow], ref: CheckpointRef, se
                 f"{ref.weights_id}: same names and sizes, other values); its numbers do not apply: use a new --history_output"
             )
         rec = _recorded(r)
+        if rec:
+            rec = {**RECORDED_BEFORE, **rec}
         for key in EVAL_KEYS:
             if key in CONSENT_FLAGS or key not in rec or _same(key, rec[key], settings[key]):
                 continue

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from bo_search import cli
 from bo_search.sensitivity.table import Sensitivity
 from bo_search.space import load_initial_samples
+from bo_search.types import UserError
 
 if TYPE_CHECKING:
     from bo_search.search.experiment import Goal
@@ -57,6 +58,12 @@ def resolve_prior(setup: Setup) -> Sensitivity | None:
     sens = Sensitivity.load(spec)
     sens.check_model(setup.ref.fingerprint, setup.ref.name, setup.layers.fqns)
     sens.slot_costs(setup.space)  # UserError if it cannot price every choice of this space
+    table_q = (sens.scheme.get("quantizer") or {}).get("quantizer", "rtn")
+    if table_q != setup.eval_cfg.quantizer:
+        raise UserError(
+            f"the prior {spec} priced its errors with --quantizer {table_q}, this search uses --quantizer "
+            f"{setup.eval_cfg.quantizer}: recompute it with python -m bo_search.sensitivity --quantizer {setup.eval_cfg.quantizer}"
+        )
     return sens
 
 

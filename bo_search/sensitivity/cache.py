@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from bo_search.cli import write_json
 from bo_search.model import cache_dir
-from bo_search.sensitivity.compute import compute
+from bo_search.sensitivity.compute import compute, quantizer_key
 from bo_search.sensitivity.table import COMPUTE_VERSION, FORMAT, Sensitivity, SensitivityConfig
 from bo_search.types import UserError
 
@@ -60,6 +60,16 @@ def cached_sensitivity(
     # the weights' content (a retrained checkpoint of the same shape has the same fingerprint) and the
     # dtype the table is computed in are part of the key
     scheme["compute_dtype"] = str(eval_cfg.torch_dtype).removeprefix("torch.")
+    ctx = None
+    eval_cfg = replace(EvalConfig(**eval_cfg.to_dict()), eval_tokens=cfg.seq_len, heldout_tokens=0)
+    if eval_cfg.quantizer != "rtn":  # the key holds the quantizer and its regulariser, chosen per model (calibrated once)
+        from bo_search.gptq import cached_description
+
+        desc = cached_description(eval_cfg, ref, layers)
+        if desc is None:
+            ctx = ModelContext(eval_cfg, heldout=False)
+            desc = ctx.quantizer_description()
+        scheme.update(quantizer_key(desc))
     key = cache_key(cfg, f"{ref.fingerprint}/{ref.weights_id}", corpus.fingerprint, space.fingerprint, scheme, eval_cfg.include_lm_head)
     path = cache_dir() / "sensitivity" / f"{ref.fingerprint}-{method}-{key}.json"
     if path.is_file():
@@ -70,7 +80,8 @@ def cached_sensitivity(
             return sens, path, True
         except UserError as err:
             log.warning("ignoring the cached sensitivity %s: %s", path, err)
-    ctx = ModelContext(replace(EvalConfig(**eval_cfg.to_dict()), eval_tokens=cfg.seq_len, heldout_tokens=0), heldout=False)
+    if ctx is None:
+        ctx = ModelContext(eval_cfg, heldout=False)
     sens = compute(ctx, space, cfg, progress=progress)
     del ctx
     path.parent.mkdir(parents=True, exist_ok=True)

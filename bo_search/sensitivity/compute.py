@@ -76,7 +76,8 @@ def compute(
             "seq_len": windows.seq_len,
             "n_tokens": windows.n_tokens,
         },
-        scheme={"scale_dtype": ctx.scheme.scale_dtype, "zero_bits": ctx.scheme.zero_bits, "mse_clip": ctx.scheme.mse_clip},
+        scheme={"scale_dtype": ctx.scheme.scale_dtype, "zero_bits": ctx.scheme.zero_bits, "mse_clip": ctx.scheme.mse_clip}
+        | quantizer_key(ctx.quantizer_description()),
         units=units,
         scores=scores,
         costs=costs,
@@ -85,6 +86,12 @@ def compute(
         space=str(space.source),
         space_id=space.fingerprint,
     )
+
+
+def quantizer_key(desc: dict[str, Any]) -> dict[str, Any]:
+    """The quantizer's part of a table's scheme and cache key: nothing for plain rounding (so tables
+    cached before quantizers were recorded stay valid), else its description (name and regulariser)."""
+    return {} if desc.get("quantizer", "rtn") == "rtn" else {"quantizer": desc}
 
 
 _Out = tuple[dict[str, tuple[str, ...]], dict[str, float], dict[str, dict[str, float]], dict[str, Any], dict[str, float]]
@@ -101,7 +108,7 @@ def _run_fit(
     fisher = {f: v * tokens for f, v in fisher.items()}
     grad_s = time.perf_counter() - t0
     t1 = time.perf_counter()
-    costs = fit_costs(weights, fisher, choices, ctx.scheme)
+    costs = fit_costs(weights, fisher, choices, ctx.scheme, ctx.applier.quantizer, progress)
     scores = {f: float(fisher[f].sum(dtype=torch.float64)) for f in weights}
     return (
         {f: (f,) for f in weights},
@@ -128,7 +135,7 @@ def _run_hessian(
             est.total_rel_se,
         )
     t1 = time.perf_counter()
-    costs = trace_costs(weights, est.traces, choices, ctx.scheme)
+    costs = trace_costs(weights, est.traces, choices, ctx.scheme, ctx.applier.quantizer)
     details = {
         "score": "Hessian trace (Hutchinson)",
         "iterations": est.iterations,

@@ -156,14 +156,26 @@ def fisher_diagonal(
 
 
 def fit_costs(
-    weights: Mapping[str, torch.Tensor], fisher: Mapping[str, torch.Tensor], choices: Mapping[str, Sequence[LayerQuant]], scheme: Any
+    weights: Mapping[str, torch.Tensor],
+    fisher: Mapping[str, torch.Tensor],
+    choices: Mapping[str, Sequence[LayerQuant]],
+    scheme: Any,
+    quantizer: Any = None,
+    progress: Callable[..., Any] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """``0.5 * sum(F * dW^2)`` per layer and choice (dW = the choice's real quantization error)."""
+    """``0.5 * sum(F * dW^2)`` per layer and choice (dW = the choice's real quantization error, from
+    ``quantizer`` when given: the codes the trials will use, e.g. GPTQ's)."""
     from bo_search.quant import quant_error
 
     out: dict[str, dict[str, float]] = {}
-    for fqn, lqs in choices.items():
+    items = list(choices.items())
+    for fqn, lqs in progress(items, desc="FIT cost table") if progress and quantizer is not None else items:
         w = weights[fqn].detach()
         f = fisher[fqn]
-        out[fqn] = {choice_key(lq): 0.5 * float((quant_error(w, lq, scheme) * f).sum(dtype=torch.float64)) for lq in lqs if lq.is_quantized}
+        quantized = [lq for lq in lqs if lq.is_quantized]
+        if quantizer is not None:
+            errs = [(w.float() - q.float()).square_() for q in quantizer.fake_quantize_many(fqn, w, quantized)]
+        else:
+            errs = [quant_error(w, lq, scheme) for lq in quantized]
+        out[fqn] = {choice_key(lq): 0.5 * float((e * f).sum(dtype=torch.float64)) for lq, e in zip(quantized, errs)}
     return out

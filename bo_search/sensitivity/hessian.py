@@ -121,16 +121,23 @@ def hutchinson_traces(
 
 
 def trace_costs(
-    weights: Mapping[str, torch.Tensor], traces: Mapping[str, float], choices: Mapping[str, Sequence[LayerQuant]], scheme: Any
+    weights: Mapping[str, torch.Tensor],
+    traces: Mapping[str, float],
+    choices: Mapping[str, Sequence[LayerQuant]],
+    scheme: Any,
+    quantizer: Any = None,
 ) -> dict[str, dict[str, float]]:
-    """``0.5 * max(trace, 0) / numel * ||dW||^2`` per layer and choice."""
+    """``0.5 * max(trace, 0) / numel * ||dW||^2`` per layer and choice (dW from ``quantizer`` when given)."""
     from bo_search.quant import quant_error
 
     out: dict[str, dict[str, float]] = {}
     for fqn, lqs in choices.items():
         w = weights[fqn].detach()
         per_weight = max(traces[fqn], 0.0) / w.numel()
-        out[fqn] = {
-            choice_key(lq): 0.5 * per_weight * float(quant_error(w, lq, scheme).sum(dtype=torch.float64)) for lq in lqs if lq.is_quantized
-        }
+        quantized = [lq for lq in lqs if lq.is_quantized]
+        if quantizer is not None:
+            errs = [(w.float() - q.float()).square_() for q in quantizer.fake_quantize_many(fqn, w, quantized)]
+        else:
+            errs = [quant_error(w, lq, scheme) for lq in quantized]
+        out[fqn] = {choice_key(lq): 0.5 * per_weight * float(e.sum(dtype=torch.float64)) for lq, e in zip(quantized, errs)}
     return out
