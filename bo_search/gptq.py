@@ -716,19 +716,6 @@ def calibrate(ctx: ModelContext, cfg: GptqConfig, progress: Callable[..., Any] |
         return cal
 
 
-def ensure_calibrated(eval_cfg: Any, ref: Any, layers: ModelLayers) -> None:
-    """Before workers start: calibrate a ``--quantizer gptq`` model and text here, once (loading the
-    model), unless the cache already holds it, so that workers only read it."""
-    if eval_cfg.quantizer != "gptq" or cached_description(eval_cfg, ref, layers) is not None:
-        return
-    from dataclasses import replace
-
-    from bo_search.trial import ModelContext
-
-    ctx = ModelContext(replace(eval_cfg, heldout_tokens=0), heldout=False)
-    del ctx
-
-
 def make_quantizer(ctx: ModelContext, cfg: GptqConfig, progress: Callable[..., Any] | None = None) -> GptqQuantizer:
     """The GPTQ quantizer of ``ctx``'s model and text (calibrating first if needed)."""
     cal = calibrate(ctx, cfg, progress)

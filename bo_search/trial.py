@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -367,3 +367,14 @@ def _untie_lm_head(model: Any) -> None:
     if head is not None and emb is not None and head.weight is emb.weight:
         head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
         model.config.tie_word_embeddings = False
+
+
+def ensure_calibrated(eval_cfg: EvalConfig, ref: Any, layers: Any) -> None:
+    """Before workers start: calibrate a ``--quantizer gptq`` model and text here, once (loading the
+    model), unless the cache already holds it, so that workers only read it."""
+    from bo_search.gptq import cached_description
+
+    if eval_cfg.quantizer != "gptq" or cached_description(eval_cfg, ref, layers) is not None:
+        return
+    ctx = ModelContext(replace(eval_cfg, heldout_tokens=0), heldout=False)
+    del ctx

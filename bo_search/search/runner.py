@@ -249,7 +249,7 @@ def run_search(
     status = 0
     try:
         if done < args.num_trials or callable(goal) or final_choice_pending(setup, goal):
-            from bo_search.gptq import ensure_calibrated  # quant: torch
+            from bo_search.trial import ensure_calibrated  # torch
 
             ensure_calibrated(setup.eval_cfg, setup.ref, setup.layers)  # --quantizer gptq: once, here, not in every worker
             pool = _start_pool(setup, gpus, cluster_gpus, worker_cls)
