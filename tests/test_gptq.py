@@ -138,8 +138,9 @@ def test_applier_uses_the_compensated_codes_and_caches_them(gptq_ctx):
     finally:
         gptq_ctx.applier.restore()
     assert not torch.equal(held, fake_quantize(orig, lq))
-    h, mu = q.hessians.of(fqn)
-    [direct] = gptq_codes(orig, inverse_factor(h, mu, q.reg), [3], 32)
+    u, order = q._factor(fqn)
+    assert q.reg.act_order and order is not None  # the product's variant
+    [direct] = gptq_codes(orig, u, [3], 32, order=order)
     assert torch.equal(held, dequantize(*direct, orig.dtype))
     assert q._path(fqn, lq).is_file()  # cached for other trials and workers
     read_before = q.stats["read"]
