@@ -51,8 +51,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--quantizer",
         default="rtn",
         help="how the affine codes are chosen, in the same storage format: rtn (plain min/max rounding, default) or gptq (GPTQ "
-        "error compensation from calibration-split Hessians, its damping chosen per model on the validation split; computed once "
-        "per model and text, then cached)",
+        "error compensation, act-order, from calibration-split Hessians, its damping chosen per model on the validation split; "
+        "computed once per model and text, about 5 minutes for the embedded model on 2 CPU cores, then cached; docs/quantizers.md)",
     )
     g.add_argument("--gptq_tokens", type=int, default=8192, help="calibration tokens of GPTQ's Hessians (default 8192)")
     g.add_argument(
