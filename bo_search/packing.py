@@ -147,20 +147,32 @@ def save_packed(
     return path / "model.safetensors"
 
 
-def load_packed_codes(path: str | Path) -> dict[str, tuple[LayerQuant, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per quantized layer of a packed checkpoint: (setting, codes (out, in) int32 in the signed range,
-    scale (out, n_groups) as stored, zero point (out, n_groups) int32; 0 for symmetric codes)."""
-    from safetensors import safe_open
-
+def _packed_file(path: str | Path) -> Path:
+    """The checkpoint's ``model.safetensors`` (``path`` is the file or its directory)."""
     file = Path(path)
     if file.is_dir():
         file = file / "model.safetensors"
     if not file.is_file():
         raise UserError(f"packed checkpoint not found: {file}")
+    return file
+
+
+def _packed_meta(file: Path, f: Any) -> dict[str, str]:
+    """The open checkpoint's metadata; a UserError unless it is this package's packed format."""
+    meta = f.metadata() or {}
+    if meta.get("format") != PACKED_FORMAT:
+        raise UserError(f"{file} is not a bo_search packed checkpoint (format {meta.get('format')!r})")
+    return dict(meta)
+
+
+def load_packed_codes(path: str | Path) -> dict[str, tuple[LayerQuant, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per quantized layer of a packed checkpoint: (setting, codes (out, in) int32 in the signed range,
+    scale (out, n_groups) as stored, zero point (out, n_groups) int32; 0 for symmetric codes)."""
+    from safetensors import safe_open
+
+    file = _packed_file(path)
     with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != PACKED_FORMAT:
-            raise UserError(f"{file} is not a bo_search packed checkpoint (format {meta.get('format')!r})")
+        meta = _packed_meta(file, f)
         plan = QuantPlan.loads(meta["plan"])
         shapes = json.loads(meta["shapes"])
         out = {}
@@ -181,15 +193,9 @@ def load_packed_state(path: str | Path, dtype: torch.dtype = torch.float32) -> t
     """Read a packed checkpoint back into a plain (dequantized) state dict and its plan."""
     from safetensors import safe_open
 
-    file = Path(path)
-    if file.is_dir():
-        file = file / "model.safetensors"
-    if not file.is_file():
-        raise UserError(f"packed checkpoint not found: {file}")
+    file = _packed_file(path)
     with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != PACKED_FORMAT:
-            raise UserError(f"{file} is not a bo_search packed checkpoint (format {meta.get('format')!r})")
+        meta = _packed_meta(file, f)
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     plan = QuantPlan.loads(meta["plan"])
     shapes = json.loads(meta["shapes"])
