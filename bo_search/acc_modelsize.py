@@ -12,14 +12,13 @@ import sys
 from collections.abc import Sequence
 
 from bo_search import cli
+from bo_search.budget import SIZE_METRIC
 from bo_search.data import check_splits
 from bo_search.search import flags, runner, seeding
-from bo_search.search.experiment import Goal, check_objective
+from bo_search.search.experiment import Goal
 from bo_search.search.finalists import check_finalists
-from bo_search.structure import Structure
-from bo_search.types import UserError
-
-DEFAULT_AVG_BITS = 4.25
+from bo_search.search.metric_registry import check_objective
+from bo_search.structure import DEFAULT_AVG_BITS, size_limit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,28 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def size_limit(setup: Structure, size_gb: float | None, avg_bits: float | None) -> float:
-    if size_gb is not None and avg_bits is not None:
-        raise UserError("give either --model_size_constraint or --avg_bits, not both")
-    if size_gb is None:
-        bits = DEFAULT_AVG_BITS if avg_bits is None else avg_bits
-        if bits <= 0:
-            raise UserError(f"--avg_bits must be positive, got {bits}")
-        n = sum(li.numel for li in setup.layers.linears)
-        size_gb = (setup.size_model.other_bits + n * bits) / 8 / 1e9
-    if size_gb <= 0:
-        raise UserError(f"--model_size_constraint must be positive, got {size_gb}")
-    if size_gb < setup.min_gb:
-        raise UserError(
-            f"size limit {size_gb:.6g} GB is below the smallest plan of the space ({setup.min_gb:.6g} GB): no configuration can fit; raise the limit"
-        )
-    if size_gb >= setup.fp_gb:
-        raise UserError(
-            f"size limit {size_gb:.6g} GB is not below the full-precision size ({setup.fp_gb:.6g} GB): nothing to search; pick a smaller limit"
-        )
-    return size_gb
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     return cli.run_main(_main, build_parser(), argv)
 
@@ -86,17 +63,16 @@ def _main(args: argparse.Namespace) -> int:
 
 def _search(setup: runner.Setup, args: argparse.Namespace) -> int:
     limit = size_limit(setup, args.model_size_constraint, args.avg_bits)
-    n = sum(li.numel for li in setup.layers.linears)
-    avg = (limit * 8e9 - setup.size_model.other_bits) / n
+    avg = limit.avg_bits(setup.size_model.other_bits, sum(li.numel for li in setup.layers.linears))
     print(
-        f"size limit {limit:.6g} GB ({avg:.3f} avg bits per quantized weight); space spans {setup.min_gb:.6g}-{setup.max_gb:.6g} GB; full precision {setup.fp_gb:.6g} GB"
+        f"size limit {limit.gb:.6g} GB ({avg:.3f} avg bits per quantized weight); space spans {setup.min_gb:.6g}-{setup.max_gb:.6g} GB; full precision {setup.fp_gb:.6g} GB"
     )
-    if limit >= setup.max_gb:
+    if limit.gb >= setup.max_gb:
         print("note: every plan of the space fits this limit, so it does not bind")
     if args.finalists > 0:
         splits = ("search", "validation") + (("test",) if args.heldout_tokens > 0 else ())
         check_splits(args.checkpoint, args.eval_text, splits, args.max_seqlen)
-    goal = Goal(objective=args.objective, minimize=True, constraint_metric="model_size_gb", limit=limit, search="modelsize")
+    goal = Goal(objective=args.objective, minimize=True, constraint_metric=SIZE_METRIC, limit=limit.gb, search="modelsize")
     runner.check_history_limit(setup, goal)  # before the seeds: 'auto' seeds cost a sensitivity pass
     seeds = seeding.seeds_for(setup, args.initial_samples, limit)
     return runner.run_search(setup, goal, seeds)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from bo_search import cli, llamacpp
+from bo_search.budget import SizeLimit
 from bo_search.search import flags, runner, seeding
 from bo_search.search.experiment import Goal
 from bo_search.structure import load_structure
@@ -148,7 +149,7 @@ def _search(setup: runner.Setup, args: argparse.Namespace, value: float, relativ
         return Goal(objective="throughput", minimize=False, constraint_metric="ppl", limit=limit, search="throughput")
 
     seeds = (
-        seeding.seeds_for(setup, args.initial_samples, setup.max_gb)
+        seeding.seeds_for(setup, args.initial_samples, SizeLimit(setup.max_gb))
         if args.initial_samples not in ("uniform",)
         else seeding.ladder_seeds(setup)
     )
@@ -180,7 +181,7 @@ def _check_llamacpp(args: argparse.Namespace) -> None:
 
 
 def _slot_settings(slot: Slot, space: SearchSpace) -> list[Any]:
-    return [space.choice_setting(b, g) for b in slot.bits.values for g in slot.group_size.values]
+    return [space.choice_setting(b, g) for b, g in slot.choices]
 
 
 if __name__ == "__main__":

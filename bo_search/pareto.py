@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from bo_search import cli
+from bo_search.budget import SizeLimit
 from bo_search.search import flags, runner, seeding
 from bo_search.search.experiment import Goal
 from bo_search.types import UserError
@@ -62,7 +63,11 @@ def _search(setup: runner.Setup, args: argparse.Namespace) -> int:
     print(
         f"Pareto search: size {setup.min_gb:.6g}-{setup.max_gb:.6g} GB in this space, thresholds size <= {size_thr:.6g} GB, perplexity <= {args.max_ppl:g}"
     )
-    seeds = seeding.seeds_for(setup, args.initial_samples, size_thr) if args.initial_samples != "uniform" else seeding.ladder_seeds(setup)
+    seeds = (
+        seeding.seeds_for(setup, args.initial_samples, SizeLimit(size_thr))
+        if args.initial_samples != "uniform"
+        else seeding.ladder_seeds(setup)
+    )
     return runner.run_search(setup, goal, seeds)
 
 

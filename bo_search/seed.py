@@ -12,21 +12,21 @@ bang-for-buck and/or the exact allocations at several budgets around the request
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bo_search import cli
-from bo_search.acc_modelsize import size_limit
+from bo_search.budget import ACT_BITS
 from bo_search.sensitivity.table import Sensitivity
 from bo_search.space import write_initial_samples
+from bo_search.structure import Structure, size_limit, structure_setup
 from bo_search.types import UserError, did_you_mean
 
 if TYPE_CHECKING:
+    from bo_search.budget import SizeLimit
     from bo_search.sensitivity.seeds import Seed
-    from bo_search.structure import Structure
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,13 +108,13 @@ def _load_sensitivity(args: argparse.Namespace, setup: Structure) -> tuple[Sensi
     return sens, Path(path)
 
 
-def _print_seeds(args: argparse.Namespace, limit: float, seeds: list[Seed]) -> None:
+def _print_seeds(args: argparse.Namespace, limit: SizeLimit | None, seeds: list[Seed]) -> None:
     rows = [
         {
             "solver": s.solver,
             "budget": f"{100 * s.fraction:.0f}%",
             "size_gb": s.size_gb,
-            "use": f"{100 * (s.size_gb / limit if s.gbops is None else s.gbops / args.bitops):.2f}%",
+            "use": f"{100 * (s.size_gb / limit.gb if limit is not None else s.gbops / args.bitops):.2f}%",
             "gbops": s.gbops if s.gbops is not None else "-",
             "avg_bits": s.avg_bits,
             "predicted": s.predicted,
@@ -128,7 +128,7 @@ def _print_seeds(args: argparse.Namespace, limit: float, seeds: list[Seed]) -> N
 
 
 def _seeding_record(
-    args: argparse.Namespace, setup: Structure, sens: Sensitivity, sens_path: Path, limit: float, seeds: list[Seed]
+    args: argparse.Namespace, setup: Structure, sens: Sensitivity, sens_path: Path, limit: SizeLimit | None, seeds: list[Seed]
 ) -> dict[str, object]:
     """The ``seeding`` block written next to the samples: where they came from."""
     return {
@@ -141,15 +141,14 @@ def _seeding_record(
         },
         "space": setup.space.source,
         "space_id": setup.space.fingerprint,
-        "limit_gb": limit if args.bitops is None else None,
+        "limit_gb": limit.gb if limit is not None else None,
         "bitops_limit_gbops_per_token": args.bitops,
         "allocations": [s.to_json() for s in seeds],
     }
 
 
 def _main(args: argparse.Namespace) -> int:
-    from bo_search.sensitivity.allocate import ACT_BITS, SOLVERS, get_solver
-    from bo_search.sensitivity.cli import structure_setup
+    from bo_search.sensitivity.allocate import SOLVERS, get_solver
     from bo_search.sensitivity.seeds import allocate, dedupe
 
     solvers = list(SOLVERS) if args.solver == "both" else [args.solver]
@@ -161,18 +160,18 @@ def _main(args: argparse.Namespace) -> int:
     if args.bitops is not None and args.bitops <= 0:
         raise UserError(f"--bitops must be positive, got {args.bitops}")
     setup = structure_setup(args)
-    limit = size_limit(setup, args.model_size_constraint, args.avg_bits) if args.bitops is None else math.inf
+    limit = size_limit(setup, args.model_size_constraint, args.avg_bits) if args.bitops is None else None
     sens, sens_path = _load_sensitivity(args, setup)
     n = sum(li.numel for li in setup.layers.linears)
-    if args.bitops is None:
-        budget = f"budget {limit:.6g} GB ({(limit * 8e9 - setup.size_model.other_bits) / n:.3f} avg bits)"
+    if limit is not None:
+        budget = f"budget {limit.gb:.6g} GB ({limit.avg_bits(setup.size_model.other_bits, n):.3f} avg bits)"
     else:
         budget = f"budget {args.bitops:.6g} GBOPs per token ({args.bitops * 1e9 / n / ACT_BITS:.3f} avg weight bits at {ACT_BITS}-bit activations)"
     print(
         f"model {setup.ref.name}; space {setup.space.source} ({len(setup.space.slots)} slots); {sens.method} sensitivity on "
         f"{sens.windows.get('n_tokens', '?')} calibration tokens; {budget}"
     )
-    seeds = allocate(setup.space, setup.size_model, sens, limit, solvers, fractions, bitops_limit=args.bitops)
+    seeds = allocate(setup.slots, setup.size_model, sens, limit, solvers, fractions, bitops_limit=args.bitops)
     _print_seeds(args, limit, seeds)
     samples = dedupe([s.values for s in seeds])
     if args.output:

@@ -1,20 +1,18 @@
 """Exact size accounting: the bytes a plan takes as stored (packed codes, scales, zero points and
-every unquantized tensor at its storage dtype), per layer and for the space's smallest and largest plan."""
+every unquantized tensor at its storage dtype), per layer (a space's per-slot table of them is
+``budget.SlotTable``)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from bo_search.model import LinearInfo, ModelLayers
-from bo_search.types import FULL_PRECISION, LayerQuant, QuantPlan, UserError, ggml_row_bytes
-
-if TYPE_CHECKING:
-    from bo_search.space import SearchSpace
 from bo_search.quant import DEFAULT_SCHEME, DTYPE_BITS, DTYPE_BY_NAME, QuantScheme, effective_group
+from bo_search.types import LayerQuant, QuantPlan, UserError, ggml_row_bytes
 
 
 @dataclass(frozen=True)
@@ -115,24 +113,3 @@ def config_dtype_name(model: Any) -> str:
     if isinstance(dtype, str) and dtype in DTYPE_BY_NAME:
         return dtype
     return str(next(model.parameters()).dtype).removeprefix("torch.")
-
-
-def slot_choices(space: SearchSpace) -> list[list[tuple[int, int]]]:
-    """Per slot of a SearchSpace, every allowed (bits, group_size) pair."""
-    return [[(b, g) for b in slot.bits.values for g in slot.group_size.values] for slot in space.slots]
-
-
-def space_size_bounds(space: SearchSpace, size_model: SizeModel) -> tuple[float, float]:
-    """Exact smallest and largest model size (GB) over all plans of a space (size is additive over slots)."""
-    infos = size_model.layers.by_fqn()
-    lo = hi = size_model.other_bits
-    planned = {f for slot in space.slots for f in slot.fqns}
-    for li in size_model.layers.linears:  # layers outside the space stay at full precision
-        if li.fqn not in planned:
-            lo += size_model.layer_bits(li, FULL_PRECISION)
-            hi += size_model.layer_bits(li, FULL_PRECISION)
-    for slot, choices in zip(space.slots, slot_choices(space)):
-        costs = [sum(size_model.layer_bits(infos[f], space.choice_setting(b, g)) for f in slot.fqns) for b, g in choices]
-        lo += min(costs)
-        hi += max(costs)
-    return lo / 8 / 1e9, hi / 8 / 1e9

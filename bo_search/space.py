@@ -84,6 +84,11 @@ class Slot:
     bits: SpaceParam
     group_size: SpaceParam
 
+    @property
+    def choices(self) -> tuple[tuple[int, int], ...]:
+        """Every (bits, group_size) value pair the slot allows, bits outer: the one place they are enumerated."""
+        return tuple((b, g) for b in self.bits.values for g in self.group_size.values)
+
 
 @dataclass(frozen=True)
 class SearchSpace:

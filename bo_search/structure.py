@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bo_search.budget import SizeLimit, SlotTable
 from bo_search.gguf_file import ggml_other_bits
 from bo_search.model import discover_layers
 from bo_search.model import load_structure as load_meta_model
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
     from bo_search.space import SearchSpace
     from bo_search.trial import EvalConfig
 
+#: the size limit of a search and of ``seed`` when neither --model_size_constraint nor --avg_bits is given
+DEFAULT_AVG_BITS = 4.25
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_SPACE = REPO_ROOT / "parameter_spaces" / "smollm2_135m_per_block.json"
 
@@ -31,7 +35,8 @@ EMBEDDED_SPACE = REPO_ROOT / "parameter_spaces" / "smollm2_135m_per_block.json"
 @dataclass
 class Structure:
     """The model structure, the space and sizes. ``min_gb``/``max_gb``: the smallest and largest plan
-    of the space; ``fp_gb``: full precision."""
+    of the space; ``fp_gb``: full precision; ``slots``: the space's per-slot size table, built once
+    here (``budget.SlotTable``; attach a prior with ``slots.with_prior``)."""
 
     eval_cfg: EvalConfig
     layers: ModelLayers
@@ -41,6 +46,7 @@ class Structure:
     min_gb: float
     max_gb: float
     fp_gb: float
+    slots: SlotTable
 
 
 def resolve_space(parameters_list: str | None, layers: ModelLayers, ref: CheckpointRef) -> SearchSpace:
@@ -57,7 +63,7 @@ def load_structure(args: argparse.Namespace) -> Structure:
     """Flags (``--checkpoint``, ``--include_lm_head``, ``--parameters_list``, the scheme and
     evaluation flags) -> the structure, the space and the size model."""
     from bo_search.quant import QuantScheme
-    from bo_search.sizes import SizeModel, space_size_bounds
+    from bo_search.sizes import SizeModel
     from bo_search.trial import EvalConfig
 
     eval_cfg = EvalConfig.from_args(args)
@@ -86,6 +92,38 @@ def load_structure(args: argparse.Namespace) -> Structure:
         args.fp_dtype or ref.storage_dtype,
         stored_other_bits=ggml_other_bits(space.is_ggml, ref, layers),
     )
-    lo, hi = space_size_bounds(space, size_model)
+    slots = SlotTable.build(space, size_model)
+    lo, hi = slots.bounds_gb()
     fp = size_model.report(QuantPlan()).gb
-    return Structure(eval_cfg, layers, space, size_model, ref, lo, hi, fp)
+    return Structure(eval_cfg, layers, space, size_model, ref, lo, hi, fp, slots)
+
+
+def structure_setup(args: argparse.Namespace) -> Structure:
+    """The model structure (meta device), space and sizes for a command that does not search; the
+    scheme flags a command lacks take the search's defaults."""
+    ns = argparse.Namespace(**vars(args))
+    for k, v in {"include_lm_head": False, "scale_dtype": "float16", "zero_bits": 16, "mse_clip": False, "fp_dtype": None}.items():
+        if not hasattr(ns, k):
+            setattr(ns, k, v)
+    return load_structure(ns)
+
+
+def size_limit(st: Structure, size_gb: float | None, avg_bits: float | None) -> SizeLimit:
+    """The size limit of ``--model_size_constraint`` or ``--avg_bits`` (default ``DEFAULT_AVG_BITS``),
+    checked against the space: UserError when no plan fits or full precision already does."""
+    if size_gb is not None and avg_bits is not None:
+        raise UserError("give either --model_size_constraint or --avg_bits, not both")
+    if size_gb is None:
+        n = sum(li.numel for li in st.layers.linears)
+        limit = SizeLimit.from_avg_bits(DEFAULT_AVG_BITS if avg_bits is None else avg_bits, st.size_model.other_bits, n)
+    else:
+        limit = SizeLimit(size_gb)
+    if limit.gb < st.min_gb:
+        raise UserError(
+            f"size limit {limit.gb:.6g} GB is below the smallest plan of the space ({st.min_gb:.6g} GB): no configuration can fit; raise the limit"
+        )
+    if limit.gb >= st.fp_gb:
+        raise UserError(
+            f"size limit {limit.gb:.6g} GB is not below the full-precision size ({st.fp_gb:.6g} GB): nothing to search; pick a smaller limit"
+        )
+    return limit

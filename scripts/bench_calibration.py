@@ -65,9 +65,8 @@ def main() -> None:
     p.add_argument("--json", default=None)
     a = p.parse_args()
 
-    from bo_search.budget import SlotSizes
+    from bo_search.budget import SlotTable
     from bo_search.search.history import read_history
-    from bo_search.search.mckp import build_problem
     from bo_search.search.thompson import ThompsonConfig
     from bo_search.sensitivity.cache import cached_sensitivity
     from bo_search.space import load_space
@@ -76,7 +75,7 @@ def main() -> None:
     ctx = ModelContext(EvalConfig(eval_tokens=512, heldout_tokens=0), heldout=False)
     space = load_space(Path(a.space), ctx.layers)
     sens, _, _ = cached_sensitivity(ctx.cfg, ctx.ref, ctx.layers, space, "fit")
-    problem = build_problem(space, SlotSizes(space, ctx.size_model), sens.slot_costs(space))
+    problem = SlotTable.build(space, ctx.size_model).with_prior(sens)
     results: dict[str, Any] = {}
     for shared in (float(x) for x in a.shared_sd.split(",")):
         for noise in a.noise.split(","):

@@ -20,12 +20,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from bo_search.budget import SlotSizes, random_feasible  # noqa: E402
+from bo_search.budget import SizeLimit, SlotTable, random_feasible  # noqa: E402
 from bo_search.model import discover_layers, load_structure, resolve_checkpoint  # noqa: E402
-from bo_search.search.mckp import build_problem  # noqa: E402
 from bo_search.search.runner import REPO_ROOT  # noqa: E402
 from bo_search.search.thompson import Acquisition, Posterior, ThompsonConfig, propose
-from bo_search.sensitivity.allocate import total_bits_limit  # noqa: E402
 from bo_search.sensitivity.table import Sensitivity  # noqa: E402
 from bo_search.sizes import SizeModel  # noqa: E402
 from bo_search.space import load_space  # noqa: E402
@@ -47,13 +45,12 @@ def main() -> None:
     sm = SizeModel(model, layers, fp_dtype=resolve_checkpoint(None).storage_dtype)
     sens = Sensitivity.load(args.sensitivity)
     n = sum(li.numel for li in layers.linears)
-    limit = (sm.other_bits + n * args.avg_bits) / 8 / 1e9
+    limit = SizeLimit.from_avg_bits(args.avg_bits, sm.other_bits, n)
     rng = np.random.default_rng(0)
     for name in SPACES:
         space = load_space(REPO_ROOT / "parameter_spaces" / name, layers)
-        sizes = SlotSizes(space, sm)
-        problem = build_problem(space, sizes, sens.slot_costs(space))
-        acq = Acquisition("budget", float(total_bits_limit(limit) - sizes.base_bits))
+        sizes = problem = SlotTable.build(space, sm).with_prior(sens)
+        acq = Acquisition("budget", float(limit.bits - sizes.base_bits))
         for n_trials in (int(x) for x in args.trials.split(",")):
             r = random.Random(n_trials)
             picks = [problem.pick_of(random_feasible(sizes, limit, r)) for _ in range(n_trials)]

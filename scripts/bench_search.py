@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from bo_search.budget import SlotSizes, random_feasible
+from bo_search.budget import SizeLimit, SlotTable, random_feasible
 from bo_search.metrics import perplexity
 from bo_search.search.history import read_history
 from bo_search.search.runner import EMBEDDED_SPACE
@@ -89,8 +89,9 @@ class Bench:
         self.space_path = Path(args.space).resolve()
         self.space = load_space(self.space_path, self.ctx.layers)
         n = sum(li.numel for li in self.ctx.layers.linears)
-        self.limit = (self.ctx.size_model.other_bits + n * args.avg_bits) / 8 / 1e9
-        self.sizes = SlotSizes(self.space, self.ctx.size_model)
+        self.size_limit = SizeLimit.from_avg_bits(args.avg_bits, self.ctx.size_model.other_bits, n)
+        self.limit = self.size_limit.gb
+        self.sizes = SlotTable.build(self.space, self.ctx.size_model)
         self._heldout: dict[QuantPlan, tuple[float, float]] = {}
 
     def search_ppl(self, plan: QuantPlan) -> float:
@@ -188,7 +189,7 @@ OWN_SOURCES = ("thompson", "bo", "sobol", "repaired", "random")
 
 def seed_history(b: Bench) -> tuple[Path, int]:
     """The auto seeds evaluated once (deterministic), copied as the start of every seeded run."""
-    from bo_search import acc_modelsize
+    from bo_search import acc_modelsize, structure
     from bo_search.search import runner, seeding
 
     args = acc_modelsize.build_parser().parse_args(
@@ -196,7 +197,7 @@ def seed_history(b: Bench) -> tuple[Path, int]:
          *b.args.search_args.split()]
     )  # fmt: skip
     setup = runner.prepare(args, "modelsize", take_lock=False)
-    seeds = seeding.seeds_for(setup, "auto", acc_modelsize.size_limit(setup, None, b.args.avg_bits))
+    seeds = seeding.seeds_for(setup, "auto", structure.size_limit(setup, None, b.args.avg_bits))
     hist = b.out / "seeds.csv"
     if hist.exists() and sum(1 for r in read_history(hist).rows if r.status == "completed") == len(seeds):
         return hist, len(seeds)
@@ -269,8 +270,7 @@ def run_result(b: Bench, run: dict[str, Any], exact_held: float | None) -> dict[
     winner among the finalists, or the search split's best with --finalists 0), held-out on the
     bench's test tokens, against the best seed (chosen the same way: by validation among the
     re-scored seeds), the search split's own winner (the old rule) and the exact FIT allocation."""
-    from bo_search.search.driver import search_score
-    from bo_search.search.finalists import val_score
+    from bo_search.search.metric_registry import search_score, val_score
 
     comp = run["completed"]
     rows = run["rows"]
@@ -327,12 +327,11 @@ def calibration(b: Bench, completed: list[Any], n_seeds: int, flat: bool = False
     Thompson model fitted on the trials before it (so on trials it had not yet seen), with the
     search's own objective, measurement noise and default model settings; with ``flat``, the model
     of a flat-prior search (no sensitivity table), as the ``ts_flat`` arm runs it."""
-    from bo_search.search.mckp import build_problem
     from bo_search.search.thompson import Posterior, ThompsonConfig
     from bo_search.sensitivity.cache import cached_sensitivity
 
     sens, _, _ = cached_sensitivity(b.ctx.cfg, b.ctx.ref, b.ctx.layers, b.space, "fit")
-    problem = build_problem(b.space, b.sizes, None if flat else sens.slot_costs(b.space))
+    problem = b.sizes.with_prior(None if flat else sens)
     kl = all(x.kl is not None for x in completed) and any(x.goal.startswith("min kl") for x in completed)
     picks = [problem.pick_of(b.space.encode(x.plan)) for x in completed]
     ys = [x.kl if kl else x.nll for x in completed]
@@ -389,7 +388,7 @@ def main() -> None:
         for s in range(args.first_seed, args.first_seed + seeds_for_arm(args, "random")):
             rng = random.Random(s)
             t0 = time.perf_counter()
-            plans = [b.space.decode(random_feasible(b.sizes, b.limit, rng)) for _ in range(args.trials)]
+            plans = [b.space.decode(random_feasible(b.sizes, b.size_limit, rng)) for _ in range(args.trials)]
             scored = [(p, b.search_ppl(p)) for p in plans]
             wall = time.perf_counter() - t0
             best = min(scored, key=lambda x: x[1])
@@ -414,7 +413,7 @@ def main() -> None:
             if name not in arms:
                 continue
             t0 = time.perf_counter()
-            [seed] = allocate(b.space, b.ctx.size_model, sens, b.limit, solvers=(name,), fractions=(1.0,))
+            [seed] = allocate(b.sizes, b.ctx.size_model, sens, b.size_limit, solvers=(name,), fractions=(1.0,))
             plan = b.space.decode(seed.values)
             solve_s = time.perf_counter() - t0
             results[name] = [
@@ -620,7 +619,7 @@ def write_report(
         rng = random.Random(1)
         restores = []
         for _ in range(3):
-            b.ctx.applier.apply(b.space.decode(random_feasible(b.sizes, b.limit, rng)))
+            b.ctx.applier.apply(b.space.decode(random_feasible(b.sizes, b.size_limit, rng)))
             t0 = time.perf_counter()
             b.ctx.applier.restore()
             restores.append(time.perf_counter() - t0)

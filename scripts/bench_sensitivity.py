@@ -50,11 +50,12 @@ def main() -> int:
     from scipy.stats import pearsonr, spearmanr
 
     from bo_search import cli
-    from bo_search.budget import SlotSizes, random_feasible
+    from bo_search.budget import SizeLimit, SlotTable, random_feasible
     from bo_search.metrics import window_nll
-    from bo_search.sensitivity.cli import correlations, structure_setup
+    from bo_search.sensitivity.cli import correlations
     from bo_search.sensitivity.seeds import allocate
     from bo_search.sensitivity.table import Sensitivity
+    from bo_search.structure import structure_setup
     from bo_search.trial import EvalConfig, ModelContext
     from bo_search.types import QuantPlan
 
@@ -82,11 +83,11 @@ def main() -> int:
 
     plans: list[tuple[str, dict[str, int] | None]] = [("full precision", None), (f"uniform {args.uniform}", uniform)]
     for name, sens in tables.items():
-        for seed in allocate(space, sm, sens, limit, solvers=("exact", "greedy"), fractions=(1.0,)):
+        for seed in allocate(SlotTable.build(space, sm), sm, sens, SizeLimit(limit), solvers=("exact", "greedy"), fractions=(1.0,)):
             plans.append((f"{seed.solver} ({name})", seed.values))
     rng = random.Random(args.seed)
-    sizes = SlotSizes(space, sm)
-    randoms = [random_feasible(sizes, limit, rng) for _ in range(args.n_random)]
+    sizes = SlotTable.build(space, sm)
+    randoms = [random_feasible(sizes, SizeLimit(limit), rng) for _ in range(args.n_random)]
     plans += [(f"random {i}", v) for i, v in enumerate(randoms)]
 
     t0 = time.perf_counter()

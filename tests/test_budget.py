@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from bo_search.budget import SlotSizes, random_feasible, repair_to_budget
+from bo_search.budget import SizeLimit, SlotTable, random_feasible, repair_to_budget
 from bo_search.space import build_space
 
 SPEC = {
@@ -25,7 +25,7 @@ SPEC = {
 @pytest.fixture(scope="module")
 def setup(tiny_ctx):
     space = build_space(SPEC, tiny_ctx.layers)
-    return space, tiny_ctx.size_model, SlotSizes(space, tiny_ctx.size_model)
+    return space, tiny_ctx.size_model, SlotTable.build(space, tiny_ctx.size_model)
 
 
 def test_slot_sizes_exact(setup):
@@ -34,6 +34,11 @@ def test_slot_sizes_exact(setup):
     for _ in range(20):
         vals = {p.name: rng.choice(p.values) for p in space.tunable}
         assert sizes.bits(vals) == sm.report(space.decode(vals)).total_bytes * 8
+        assert sizes.values_of(sizes.pick_of(vals)) == vals
+    lo, hi = sizes.bounds_gb()
+    bottom = {p.name: (min(p.values) if p.kind == "bits" else -1) for p in space.tunable}
+    top = {p.name: (max(p.values) if p.kind == "bits" else 32) for p in space.tunable}
+    assert (lo, hi) == (sm.gb(space.decode(bottom)), sm.gb(space.decode(top)))
 
 
 def test_repair_fits_and_only_downgrades(setup):
@@ -42,7 +47,7 @@ def test_repair_fits_and_only_downgrades(setup):
     bottom = {p.name: (min(p.values) if p.kind == "bits" else -1) for p in space.tunable}
     lo, hi = sm.gb(space.decode(bottom)), sm.gb(space.decode(top))
     limit = lo + 0.4 * (hi - lo)
-    fixed = repair_to_budget(sizes, limit, top)
+    fixed = repair_to_budget(sizes, SizeLimit(limit), top)
     assert fixed is not None and sm.gb(space.decode(fixed)) <= limit
     for p in space.tunable:
         if p.kind == "bits":
@@ -50,8 +55,8 @@ def test_repair_fits_and_only_downgrades(setup):
     # widest slots give up bits first: the result is balanced, no slot far above the others
     bits = [fixed[p.name] for p in space.tunable if p.kind == "bits"]
     assert max(bits) - min(bits) <= 2
-    assert repair_to_budget(sizes, lo * 0.99, top) is None
-    assert repair_to_budget(sizes, hi, top) == top  # already fits: unchanged
+    assert repair_to_budget(sizes, SizeLimit(lo * 0.99), top) is None
+    assert repair_to_budget(sizes, SizeLimit(hi), top) == top  # already fits: unchanged
 
 
 def test_random_feasible_fits_and_uses_budget(setup):
@@ -60,7 +65,7 @@ def test_random_feasible_fits_and_uses_budget(setup):
     lo = sm.gb(space.decode(bottom))
     limit = lo * 1.3
     rng = random.Random(1)
-    plans = [random_feasible(sizes, limit, rng) for _ in range(10)]
+    plans = [random_feasible(sizes, SizeLimit(limit), rng) for _ in range(10)]
     assert all(sm.gb(space.decode(v)) <= limit for v in plans)
     assert all(sm.gb(space.decode(v)) > lo for v in plans)
     assert len({tuple(sorted(v.items())) for v in plans}) > 5

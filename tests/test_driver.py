@@ -6,14 +6,12 @@ import math
 
 import pytest
 
-from bo_search.budget import SlotSizes
+from bo_search.budget import SizeLimit, SlotTable
 from bo_search.model import discover_layers, load_structure
 from bo_search.search.experiment import AxDriver, Goal, attach_history
 from bo_search.search.history import HistoryRow
-from bo_search.search.mckp import build_problem
 from bo_search.search.strategies import DriverConfig
 from bo_search.search.thompson import Acquisition, Posterior, ThompsonConfig, make_thompson_node
-from bo_search.sensitivity.allocate import total_bits_limit
 from bo_search.sizes import SizeModel
 from bo_search.space import build_space
 
@@ -35,9 +33,8 @@ def setup(tiny_llama):
 
 
 def _driver(space, sm, limit):
-    sizes = SlotSizes(space, sm)
-    problem = build_problem(space, sizes, None)
-    acq = Acquisition("budget", float(total_bits_limit(limit) - sizes.base_bits))
+    problem = SlotTable.build(space, sm)
+    acq = Acquisition("budget", float(SizeLimit(limit).bits - problem.base_bits))
     node = make_thompson_node(space, "relaxed", problem, acq, "nll", ThompsonConfig(seed=0))
     goal = Goal(objective="nll", minimize=True, constraint_metric="model_size_gb", limit=limit, search="modelsize")
     return AxDriver(space, goal, DriverConfig(strategy="thompson", seed=0), node), problem

@@ -9,9 +9,9 @@ import random
 import pytest
 from layers import smollm2
 
-from bo_search.budget import SlotSizes, random_feasible
+from bo_search.budget import SizeLimit, SlotTable, random_feasible
 from bo_search.quant import QuantScheme
-from bo_search.sensitivity.allocate import Knapsack, build_knapsack, exact, get_solver, greedy, pick_values, total_bits_limit
+from bo_search.sensitivity.allocate import exact, get_solver, greedy
 from bo_search.sensitivity.seeds import allocate
 from bo_search.sensitivity.table import Sensitivity, choice_key
 from bo_search.sizes import SizeModel
@@ -26,6 +26,15 @@ def _size_model(layers, other_bits=49152 * 576 * 16):
     sm.layers, sm.scheme, sm.fp_bits, sm.other_bits, sm.fp_dtype = layers, QuantScheme(), 16, other_bits, "bfloat16"
     sm._infos = layers.by_fqn()
     return sm
+
+
+def Knapsack(labels, choices, sizes, costs):  # noqa: N802 - a hand-built table with a prior, as the old tests built it
+    n = len(labels)
+    return SlotTable(tuple(labels), tuple(choices), tuple(sizes), (1,) * n, ((None, None),) * n, 0, prior=tuple(costs))
+
+
+def _table(space, sm, sens=None):
+    return SlotTable.build(space, sm).with_prior(sens)
 
 
 def _random_instance(rng, n_slots, n_choices, monotone=True):
@@ -70,7 +79,7 @@ def test_exact_with_costs_spanning_many_orders_of_magnitude():
     rng = random.Random(3)
     for _ in range(20):
         problem = _random_instance(rng, 5, 4)
-        problem = Knapsack(problem.labels, problem.choices, problem.sizes, tuple(tuple(c * 1e-9 for c in co) for co in problem.costs))
+        problem = Knapsack(problem.labels, problem.choices, problem.sizes, tuple(tuple(c * 1e-9 for c in co) for co in problem.prior))
         budget = (problem.size(problem.cheapest()) + sum(max(s) for s in problem.sizes)) // 2
         want, _ = _brute_force(problem, budget)
         assert exact(problem, budget).cost == pytest.approx(want, rel=1e-9)
@@ -105,10 +114,17 @@ def test_budget_below_cheapest_plan_is_a_user_error():
         get_solver("gredy")
 
 
-def test_total_bits_limit_is_the_largest_size_that_fits():
+def test_size_limit_bits_is_the_largest_size_that_fits_and_avg_bits_round_trips():
     for gb in (0.1, 0.0512345678, 0.06797472, 1 / 3):
-        t = total_bits_limit(gb)
+        t = SizeLimit(gb).bits
         assert t / 8 / 1e9 <= gb < (t + 1) / 8 / 1e9
+    limit = SizeLimit.from_avg_bits(3.5, other_bits=10**6, n_weights=10**7)
+    assert limit.gb == pytest.approx((10**6 + 3.5 * 10**7) / 8e9) and limit.avg_bits(10**6, 10**7) == pytest.approx(3.5)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(UserError, match="--model_size_constraint must be positive"):
+            SizeLimit(bad)
+    with pytest.raises(UserError, match="--avg_bits must be positive"):
+        SizeLimit.from_avg_bits(0, 0, 1)
 
 
 def _synthetic_sensitivity(space, layers, seed=0):
@@ -140,7 +156,7 @@ def test_allocations_on_smollm2_space_fit_and_beat_uniform(tmp_path):
     sens = _synthetic_sensitivity(space, layers)
     uniform = {p.name: (3 if p.kind == "bits" else 64) for p in space.tunable}
     limit = sm.gb(space.decode(uniform))
-    seeds = allocate(space, sm, sens, limit, solvers=("exact", "greedy"))
+    seeds = allocate(_table(space, sm), sm, sens, SizeLimit(limit), solvers=("exact", "greedy"))
     assert [(s.solver, s.fraction) for s in seeds] == [(n, f) for f in (1.0, 0.98, 0.96) for n in ("exact", "greedy")]
     tables = sens.slot_costs(space)
     uniform_cost = sens.predicted(space, uniform, tables)
@@ -169,12 +185,12 @@ def test_random_feasible_plans_never_beat_the_exact_allocation():
     sm = _size_model(layers)
     sens = _synthetic_sensitivity(space, layers, seed=5)
     limit = sm.gb(space.decode({p.name: (4 if p.kind == "bits" else 64) for p in space.tunable}))
-    best = allocate(space, sm, sens, limit, fractions=(1.0,))[0]
+    best = allocate(_table(space, sm), sm, sens, SizeLimit(limit), fractions=(1.0,))[0]
     tables = sens.slot_costs(space)
     rng = random.Random(0)
-    sizes = SlotSizes(space, sm)
+    sizes = SlotTable.build(space, sm)
     for _ in range(10):
-        vals = random_feasible(sizes, limit, rng)
+        vals = random_feasible(sizes, SizeLimit(limit), rng)
         assert sens.predicted(space, vals, tables) >= best.predicted - 1e-12
 
 
@@ -184,8 +200,8 @@ def test_budget_below_cheapest_plan_in_allocate():
     sm = _size_model(layers)
     cheapest = sm.gb(space.decode({p.name: (2 if p.kind == "bits" else 192) for p in space.tunable}))
     with pytest.raises(UserError, match="below the smallest plan"):
-        allocate(space, sm, _synthetic_sensitivity(space, layers), cheapest * 0.999)
-    seeds = allocate(space, sm, _synthetic_sensitivity(space, layers), cheapest)  # exactly the cheapest plan fits
+        allocate(_table(space, sm), sm, _synthetic_sensitivity(space, layers), SizeLimit(cheapest * 0.999))
+    seeds = allocate(_table(space, sm), sm, _synthetic_sensitivity(space, layers), SizeLimit(cheapest))  # exactly the cheapest plan fits
     assert len(seeds) == 1 and seeds[0].size_gb <= cheapest
 
 
@@ -216,7 +232,7 @@ def test_sensitivity_of_another_space_or_granularity_is_refused():
         sens.check_model("zzz", "other", layers.fqns)
 
 
-def test_pick_values_skip_fixed_parameters():
+def test_table_values_skip_fixed_parameters():
     layers = smollm2()
     spec = json.loads(open(SPACE).read())
     spec["parameters"][0]["layers"] = [
@@ -227,10 +243,11 @@ def test_pick_values_skip_fixed_parameters():
 
     space = build_space(spec, layers, "<fixed>")
     sm = _size_model(layers)
-    problem = build_knapsack(space, sm, _synthetic_sensitivity(space, layers))
+    problem = _table(space, sm, _synthetic_sensitivity(space, layers))
     assert problem.choices[0] == ((8, 32), (8, 64), (8, 192))
     alloc = exact(problem, problem.size(problem.cheapest()) + 10**6)
-    vals = pick_values(space, problem, alloc.pick)
+    vals = problem.values_of(alloc.pick)
+    assert problem.pick_of(vals) == alloc.pick
     assert "bitwidth.0." not in vals and "groupsize.0." in vals
     plan: QuantPlan = space.decode(vals)
     assert plan.setting("model.layers.0.mlp.up_proj").bits == 8
@@ -247,17 +264,17 @@ def test_bitops_budget_counts_bits_times_macs_and_ignores_group_size():
     n = sum(li.numel for li in layers.linears)
     gbops = n * 3.5 * 16 / 1e9  # the bit operations of 3.5 average weight bits
     for solver in ("exact", "greedy"):
-        [seed] = allocate(space, sm, sens, math.inf, solvers=(solver,), fractions=(1.0,), bitops_limit=gbops)
+        [seed] = allocate(_table(space, sm), sm, sens, None, solvers=(solver,), fractions=(1.0,), bitops_limit=gbops)
         plan = space.decode(seed.values)
         used = sum(li.numel * plan.layers[li.fqn].bits * 16 for li in layers.linears) / 1e9
         assert used <= gbops and abs(used - seed.gbops) < 1e-9
         assert {seed.values[s.group_size.name] for s in space.slots} == {32}, solver
         assert seed.to_json()["gbops_per_token"] == round(seed.gbops, 6)
     # the size budget of the same plan costs more bits for g32: the size knapsack prefers larger groups
-    [by_size] = allocate(space, sm, sens, sm.gb(plan), solvers=("exact",), fractions=(1.0,))
+    [by_size] = allocate(_table(space, sm), sm, sens, SizeLimit(sm.gb(plan)), solvers=("exact",), fractions=(1.0,))
     assert {by_size.values[s.group_size.name] for s in space.slots} != {32}
     with pytest.raises(UserError, match="bit-operations budget .* GBOPs per token is below the smallest plan"):
-        allocate(space, sm, sens, math.inf, bitops_limit=n * 1.9 * 16 / 1e9)
+        allocate(_table(space, sm), sm, sens, None, bitops_limit=n * 1.9 * 16 / 1e9)
 
 
 def test_predicted_cost_of_a_ggml_plan_uses_the_slot_values_not_nominal_bits(tmp_path):

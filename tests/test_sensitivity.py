@@ -349,19 +349,20 @@ def _fake_sensitivity_file(tiny_llama, tmp_path):
 
 
 def test_auto_seeds_compute_once_then_reuse_the_cache(tiny_llama, tmp_path, monkeypatch):
+    from bo_search.budget import SizeLimit
     from bo_search.search import seeding as search_seeding
     from bo_search.search.runner import Setup
     from bo_search.sensitivity import seeds as seeding
     from bo_search.sensitivity.cache import cached_sensitivity
-    from bo_search.sensitivity.cli import structure_setup
     from bo_search.sensitivity.table import DEFAULT_NSAMPLES
+    from bo_search.structure import structure_setup
 
     monkeypatch.setenv("BO_SEARCH_CACHE", str(tmp_path / "cache"))
     args = argparse.Namespace(
         checkpoint=str(tiny_llama), parameters_list=None, eval_text="pydoc", max_seqlen=32, batch_size=4, device="cpu"
     )
     setup = Setup.from_structure(structure_setup(args), args)
-    limit = (setup.min_gb + setup.max_gb) / 2
+    limit = SizeLimit((setup.min_gb + setup.max_gb) / 2)
     seeds = search_seeding.seeds_for(setup, "auto", limit)
     files = list((tmp_path / "cache" / "sensitivity").glob("*-fit-*.json"))
     assert len(files) == 1
@@ -369,7 +370,7 @@ def test_auto_seeds_compute_once_then_reuse_the_cache(tiny_llama, tmp_path, monk
     bits = [p.name for p in setup.space.tunable if p.kind == "bits"]
     assert sum(len({s[b] for b in bits}) == 1 for s in seeds) >= 1  # a uniform seed is among them
     for s in seeds:
-        assert setup.size_model.gb(setup.space.decode(s)) <= limit
+        assert setup.size_model.gb(setup.space.decode(s)) <= limit.gb
     sens = Sensitivity.load(files[0])
     assert sens.windows["n_windows"] == DEFAULT_NSAMPLES["fit"] and sens.windows["seq_len"] == 32
     assert sens.details["fisher_labels"] == "model"
@@ -385,7 +386,7 @@ def test_cache_is_keyed_by_the_weights_content(tiny_llama, tmp_path, monkeypatch
     from test_identity import _retrained
 
     from bo_search.sensitivity.cache import cached_sensitivity
-    from bo_search.sensitivity.cli import structure_setup
+    from bo_search.structure import structure_setup
 
     monkeypatch.setenv("BO_SEARCH_CACHE", str(tmp_path / "cache"))
     other = _retrained(tiny_llama, tmp_path / tiny_llama.name)  # the same directory name: only the content differs
@@ -417,7 +418,7 @@ def test_fit_on_real_model_is_cheap_and_its_allocation_is_sane(real_ctx):
     allocation must beat the best uniform plan that fits, and be 100x better than a random plan."""
     import random
 
-    from bo_search.budget import SlotSizes, random_feasible
+    from bo_search.budget import SizeLimit, SlotTable, random_feasible
     from bo_search.metrics import perplexity
     from bo_search.search.runner import EMBEDDED_SPACE
     from bo_search.sensitivity.seeds import allocate
@@ -441,9 +442,9 @@ def test_fit_on_real_model_is_cheap_and_its_allocation_is_sane(real_ctx):
     limit = (ctx.size_model.other_bits + 3.75 * n) / 8 / 1e9
     uniforms = [v for b in (2, 3, 4, 5, 6, 8) for g in (32, 64, 192) if (v := space.uniform(b, g)) is not None]
     fits = [v for v in uniforms if ctx.size_model.gb(space.decode(v)) <= limit]
-    best = allocate(space, ctx.size_model, sens, limit, fractions=(1.0,))[0]
+    best = allocate(SlotTable.build(space, ctx.size_model), ctx.size_model, sens, SizeLimit(limit), fractions=(1.0,))[0]
     assert best.size_gb <= limit
-    rnd = random_feasible(SlotSizes(space, ctx.size_model), limit, random.Random(0))
+    rnd = random_feasible(SlotTable.build(space, ctx.size_model), SizeLimit(limit), random.Random(0))
 
     def heldout(vals):
         ctx.applier.apply(space.decode(vals))

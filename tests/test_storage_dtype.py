@@ -107,7 +107,7 @@ def llama3_8b_sizes(tmp_path):
 
 def test_llama3_8b_sizes_on_the_meta_device(tmp_path):
     """The table in docs/size-accounting.md ("Llama-3-8B"): our GB next to the original tool's GiB."""
-    from bo_search.sizes import space_size_bounds
+    from bo_search.budget import SlotTable
 
     sm, space = llama3_8b_sizes(tmp_path)
     full = sm.report(QuantPlan()).total_bytes
@@ -126,7 +126,7 @@ def test_llama3_8b_sizes_on_the_meta_device(tmp_path):
     assert int8 / 2**30 == pytest.approx(8.463, abs=0.002)
     # the original tool's 7.480 GiB for int8 is this with the embedding and lm_head at 8 bits as well
     assert (int8 - emb_head / 2) / 2**30 == pytest.approx(7.480, abs=0.01)
-    lo, hi = space_size_bounds(space, sm)
+    lo, hi = SlotTable.build(space, sm).bounds_gb()
     assert lo < 6.0 < hi  # --model_size_constraint=6.0 is feasible and binding for that space
     assert lo == pytest.approx(4.484, abs=0.001) and hi == pytest.approx(9.545, abs=0.001)
 

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from bo_search.search.mckp import SlotProblem, solve_mckp
+from bo_search.budget import SlotTable
+from bo_search.search.mckp import solve_mckp
 from bo_search.search.strategies import check_strategy
 from bo_search.search.thompson import Acquisition, Posterior, ThompsonConfig, propose
 from bo_search.types import UserError
@@ -20,7 +21,8 @@ def _problem(rng, n_slots=6, with_prior=True, choices=CHOICES):
     true = [[float(rng.uniform(0.5, 1.5) * 2.0 ** (-(b + 32 / g))) for b, g in choices] for _ in range(n_slots)]
     prior = tuple(tuple(t * float(rng.uniform(0.7, 1.4)) for t in row) for row in true) if with_prior else None
     names = tuple((f"b{s}", f"g{s}") for s in range(n_slots))
-    return SlotProblem((choices,) * n_slots, size, prior, tuple([1 / n_slots] * n_slots), names), true
+    labels = tuple(f"s{s}" for s in range(n_slots))
+    return SlotTable(labels, (choices,) * n_slots, size, (1,) * n_slots, names, 0, prior=prior), true
 
 
 def _brute(objective, constraint, cap, exclude=()):

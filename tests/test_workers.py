@@ -145,15 +145,15 @@ def _search_args(tiny_llama, tmp_path, n):
 
 
 def test_search_goes_on_after_failures(ray_cluster, tiny_llama, tmp_path):
-    from bo_search.acc_modelsize import size_limit
     from bo_search.search import runner
     from bo_search.search.experiment import Goal
     from bo_search.search.history import read_history
+    from bo_search.structure import size_limit
 
     args = _search_args(tiny_llama, tmp_path, 6)
     args.max_failure_rate = 0.9
     setup = runner.prepare(args, "modelsize")
-    limit = size_limit(setup, None, 5.0)
+    limit = size_limit(setup, None, 5.0).gb
     goal = Goal("nll", True, "model_size_gb", limit, "modelsize")
     assert runner.run_search(setup, goal, [], worker_cls=FlakyWorker) == 0
     rows = read_history(tmp_path / "h.csv").rows
@@ -166,14 +166,14 @@ def test_search_goes_on_after_failures(ray_cluster, tiny_llama, tmp_path):
 
 
 def test_max_failure_rate_stops_search(ray_cluster, tiny_llama, tmp_path, capsys):
-    from bo_search.acc_modelsize import size_limit
     from bo_search.search import runner
     from bo_search.search.experiment import Goal
     from bo_search.search.history import read_history
+    from bo_search.structure import size_limit
 
     args = _search_args(tiny_llama, tmp_path, 20)
     setup = runner.prepare(args, "modelsize")
-    goal = Goal("nll", True, "model_size_gb", size_limit(setup, None, 5.0), "modelsize")
+    goal = Goal("nll", True, "model_size_gb", size_limit(setup, None, 5.0).gb, "modelsize")
     assert runner.run_search(setup, goal, [], worker_cls=AlwaysFails) == 3
     err = capsys.readouterr().err
     assert "--max_failure_rate" in err
@@ -185,10 +185,10 @@ def test_max_failure_rate_stops_search(ray_cluster, tiny_llama, tmp_path, capsys
 
 
 def _modelsize_goal(setup):
-    from bo_search.acc_modelsize import size_limit
     from bo_search.search.experiment import Goal
+    from bo_search.structure import size_limit
 
-    return Goal("nll", True, "model_size_gb", size_limit(setup, None, 5.0), "modelsize")
+    return Goal("nll", True, "model_size_gb", size_limit(setup, None, 5.0).gb, "modelsize")
 
 
 def test_workers_that_cannot_start_stop_the_search(ray_cluster, tiny_llama, tmp_path, capsys):

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from bo_search.search.finalists import val_score
 from bo_search.search.history import OLD_TEST_SPLIT_FORMATS, HistoryRow, LoadedHistory, pareto_front, read_history
+from bo_search.search.metric_registry import val_score
 from bo_search.types import UserError
 
 SEARCH_KINDS = ("modelsize", "throughput", "pareto")

@@ -12,8 +12,8 @@ from bo_search.report.baselines import CACHE_NAME, Evaluation
 from bo_search.report.bundle import ExportResult
 from bo_search.report.export import TORCHAO_APPLY
 from bo_search.report.plots import source_style
-from bo_search.search.finalists import val_score
 from bo_search.search.history import OLD_TEST_SPLIT_FORMATS
+from bo_search.search.metric_registry import val_score
 from bo_search.types import QuantPlan
 
 

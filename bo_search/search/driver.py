@@ -31,8 +31,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from bo_search.budget import SIZE_METRIC
 from bo_search.search.experiment import AxDriver, Goal, ax_data
 from bo_search.search.history import HistoryRow, HistoryWriter
+from bo_search.search.metric_registry import metrics_to_row, search_score
 from bo_search.types import QuantPlan, TrialResult, UserError
 
 log = logging.getLogger(__name__)
@@ -100,12 +102,12 @@ class Search:
         seeds: Sequence[Mapping[str, int]] = (),
         max_failure_rate: float = 0.5,
         max_infeasible_streak: int = 200,
-        metrics_to_row: Callable[[TrialResult], dict[str, Any]] | None = None,
         progress: Any = None,
         on_result: Callable[[HistoryRow], None] | None = None,
         fallback: Callable[[], dict[str, int]] | None = None,
         repair: Callable[[dict[str, int]], dict[str, int] | None] | None = None,
         placement_timeout: float = 600.0,
+        index_offset: int = 0,
     ):
         self.driver, self.pool, self.history = driver, pool, history
         self.size_gb = size_gb
@@ -115,7 +117,6 @@ class Search:
         self.seeds = list(seeds)
         self.max_failure_rate = max_failure_rate
         self.max_infeasible_streak = max_infeasible_streak
-        self.metrics_to_row = metrics_to_row or _default_metrics_to_row
         self.stats = SearchStats()
         self.progress = progress
         self.on_result = on_result
@@ -131,7 +132,7 @@ class Search:
         self._error: BaseException | None = None
         self._inflight: dict[int, Proposal] = {}
         #: CSV trial index = Ax index + offset, so resumed searches never reuse an index of the history
-        self.index_offset = 0
+        self.index_offset = index_offset
         self._lock = threading.Lock()
         self._interrupted = False  # set by the SIGINT handler while run() is active
 
@@ -153,8 +154,8 @@ class Search:
                     self._stop_with("Ax produced no new configuration (the space may be exhausted)")
                     return
                 prop = nxt
-                if prop.size_gb > self.driver.goal.limit and self.driver.goal.constraint_metric == "model_size_gb":
-                    self.driver.complete(prop.index, {"model_size_gb": (prop.size_gb, 0.0)})
+                if prop.size_gb > self.driver.goal.limit and self.driver.goal.size_limit is not None:
+                    self.driver.complete(prop.index, {SIZE_METRIC: (prop.size_gb, 0.0)})
                     self._record(prop, "infeasible", reason=f"size {prop.size_gb:.6g} GB over the limit; not evaluated")
                     self.stats.infeasible += 1
                     fixed = self.repair(prop.values) if self.repair is not None else None
@@ -337,7 +338,7 @@ class Search:
         g = self.driver.goal
         if g.multi:
             return True
-        if g.constraint_metric == "model_size_gb":
+        if g.size_limit is not None:
             return row.model_size is not None and row.model_size <= g.limit
         return row.cal_PPL is not None and row.cal_PPL <= g.limit
 
@@ -353,7 +354,7 @@ class Search:
             proposal_s=prop.proposal_s,
         )
         if result is not None:
-            fields_.update(self.metrics_to_row(result))
+            fields_.update(metrics_to_row(result.metrics, result.sems))
             fields_.update(quantize_s=result.quantize_s, evaluate_s=result.evaluate_s, worker_id=result.worker_id)
         row = HistoryRow(**fields_)
         with self._lock:
@@ -374,31 +375,7 @@ def _one_line(err: BaseException) -> BaseException:
     )
 
 
-def _default_metrics_to_row(res: TrialResult) -> dict[str, Any]:
-    m, s = res.metrics, res.sems
-    out: dict[str, Any] = {}
-    if "ppl" in m:
-        out.update(cal_PPL=m["ppl"], cal_PPL_sem=s.get("ppl"), nll=m.get("nll"), nll_delta_sem=s.get("nll"))
-    if "kl" in m:
-        out.update(kl=m["kl"], kl_sem=s.get("kl"))
-    if "avg_bits" in m:
-        out["avg_bits"] = m["avg_bits"]
-    if "throughput" in m:
-        out.update(cal_throughput=m["throughput"], cal_throughput_sem=s.get("throughput"))
-    return out
-
-
 def _better(a: HistoryRow, b: HistoryRow, goal: Goal) -> bool:
     if goal.minimize:
         return search_score(a, goal.objective) < search_score(b, goal.objective)
     return (a.cal_throughput or -math.inf) > (b.cal_throughput or -math.inf)
-
-
-def search_score(row: HistoryRow, objective: str) -> float:
-    """A completed row's search-split score under ``objective`` (lower is better): its KL, or its
-    NLL (from the perplexity where an old row lacks it); inf when the row lacks it."""
-    if objective.startswith("kl"):
-        return row.kl if row.kl is not None else math.inf
-    if row.nll is not None:
-        return row.nll
-    return math.log(row.cal_PPL) if row.cal_PPL else math.inf

@@ -12,10 +12,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from bo_search.budget import SIZE_METRIC, SizeLimit
 from bo_search.search.history import HistoryRow
+from bo_search.search.metric_registry import METRICS, RESUMED_METRICS
 from bo_search.search.strategies import DriverConfig, make_generation_strategy
 from bo_search.space import SearchSpace, ax_parameters, from_ax, to_ax
-from bo_search.types import UserError, did_you_mean
+from bo_search.types import UserError
 
 if TYPE_CHECKING:
     from bo_search.search.runner import Setup
@@ -37,17 +39,10 @@ class Goal:
     def multi(self) -> bool:
         return "," in self.objective
 
-
-#: metrics whose recorded standard error is the noise of the damage they estimate (see driver.ax_data)
-NOISY_METRICS = ("nll", "kl")
-#: what a size-limited search can minimise on the search split
-OBJECTIVES = ("kl", "nll")
-
-
-def check_objective(name: str) -> str:
-    if name not in OBJECTIVES:
-        raise did_you_mean(name, OBJECTIVES, "--objective")
-    return name
+    @property
+    def size_limit(self) -> SizeLimit | None:
+        """The size limit of a size-limited search (None for the other goals)."""
+        return SizeLimit(self.limit) if self.constraint_metric == SIZE_METRIC else None
 
 
 class AxDriver:
@@ -121,9 +116,10 @@ def ax_data(
     data: dict[str, float | tuple[float, float | None]] = {}
     for name, value in metrics.items():
         sem = sems.get(name)
-        use_sem = sem is not None and math.isfinite(sem) and (name == "throughput" or (name in NOISY_METRICS and strategy == "thompson"))
+        m = METRICS.get(name)
+        use_sem = sem is not None and math.isfinite(sem) and m is not None and m.sem_for_ax(strategy)
         data[name] = (value, sem) if use_sem else value
-    data["model_size_gb"] = (size_gb, 0.0)  # exact: zero noise is the truth here
+    data[SIZE_METRIC] = (size_gb, 0.0)  # exact: zero noise is the truth here
     return data
 
 
@@ -138,17 +134,18 @@ def attach_history(driver: AxDriver, rows: Sequence[HistoryRow]) -> int:
         if row.status == "completed":
             metrics: dict[str, float] = {}
             sems: dict[str, float] = {}
-            for name, value, sem in (("nll", row.nll, row.nll_delta_sem), ("ppl", row.cal_PPL, None), ("kl", row.kl, row.kl_sem)):
+            for name in RESUMED_METRICS:
+                value, sem = METRICS[name].value(row), METRICS[name].sem(row)
                 if value is not None:
                     metrics[name] = value
                     if sem is not None:
                         sems[name] = sem
             data = ax_data(metrics, sems, float(row.model_size or 0.0), driver.cfg.strategy)
-            if row.cal_throughput is not None:
+            if row.cal_throughput is not None:  # a measured spread: always given to Ax, even when missing
                 data["throughput"] = (row.cal_throughput, row.cal_throughput_sem)
             driver.complete(idx, data)
         elif row.status == "infeasible":
-            driver.complete(idx, {"model_size_gb": (float(row.model_size or 0.0), 0.0)})
+            driver.complete(idx, {SIZE_METRIC: (float(row.model_size or 0.0), 0.0)})
         elif row.status == "failed":
             driver.fail(idx, row.reason or "failed")
         else:

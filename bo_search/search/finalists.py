@@ -27,8 +27,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from bo_search.search.driver import search_score
 from bo_search.search.history import HistoryRow, HistoryWriter, read_history, update_rows
+from bo_search.search.metric_registry import search_score, val_score
 from bo_search.types import QuantPlan, UserError
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def is_uniform(plan: QuantPlan) -> bool:
 
 
 def fits(row: HistoryRow, goal: Goal) -> bool:
-    return goal.constraint_metric != "model_size_gb" or (row.model_size is not None and row.model_size <= goal.limit * (1 + 1e-9))
+    return goal.size_limit is None or (row.model_size is not None and row.model_size <= goal.limit * (1 + 1e-9))
 
 
 def finalists(rows: Sequence[HistoryRow], goal: Goal, k: int, uniform: Sequence[QuantPlan] = ()) -> list[Finalist]:
@@ -111,13 +111,6 @@ def finalists(rows: Sequence[HistoryRow], goal: Goal, k: int, uniform: Sequence[
 def zip_longest_rows(a: Sequence[HistoryRow], b: Sequence[HistoryRow]) -> list[tuple[HistoryRow | None, HistoryRow | None]]:
     n = max(len(a), len(b))
     return [(a[i] if i < len(a) else None, b[i] if i < len(b) else None) for i in range(n)]
-
-
-def val_score(row: HistoryRow, objective: str) -> float:
-    """A rescored row's validation score under the search's objective (lower is better)."""
-    if objective.startswith("kl"):
-        return row.val_kl if row.val_kl is not None else math.inf
-    return math.log(row.val_PPL) if row.val_PPL else math.inf
 
 
 def recorded_rescores(rows: Sequence[HistoryRow], val_tokens: int) -> dict[QuantPlan, HistoryRow]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bo_search import cli, structure
+from bo_search.budget import random_feasible, repair_to_budget
 from bo_search.search import identity, preflight
 from bo_search.search.driver import Search, SearchStopped
 from bo_search.search.experiment import AxDriver, attach_history, row_defaults
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from bo_search.search.experiment import Goal
     from bo_search.search.workers import TrialWorker, WorkerPool
     from bo_search.sizes import SizeModel
-    from bo_search.types import TrialResult
 from bo_search.search.seeding import resolve_prior, thompson_node
 from bo_search.search.summary import final_choice_pending, print_row, summarize, workers_ready
 
@@ -216,7 +216,6 @@ def run_search(
     setup: Setup,
     goal: Goal | Callable[[WorkerPool], Goal],
     seeds: list[dict[str, int]],
-    metrics_to_row: Callable[[TrialResult], dict[str, Any]] | None = None,
     worker_cls: type[TrialWorker] | None = None,
     row_extra: dict[str, Any] | None = None,
 ) -> int:
@@ -266,8 +265,7 @@ def run_search(
         history = HistoryWriter(setup.history_path)
         if done < args.num_trials:
             assert pool is not None
-            search = _make_search(setup, goal, driver, pool, history, seeds, done, metrics_to_row, row_extra)
-            search.index_offset = offset
+            search = _make_search(setup, goal, driver, pool, history, seeds, done, row_extra, offset)
             stats, status = _run(search, done)
         elif pool is not None:  # only the final choice is left to measure
             workers_ready(pool)
@@ -328,15 +326,23 @@ def _make_search(
     history: HistoryWriter,
     seeds: list[dict[str, int]],
     done: int,
-    metrics_to_row: Callable[[TrialResult], dict[str, Any]] | None,
     row_extra: dict[str, Any] | None,
+    index_offset: int,
 ) -> Search:
     args = setup.args
     if not pool.infos:
         workers_ready(pool)
     bar = cli.progress(range(args.num_trials), desc="trials", total=args.num_trials)
     bar.update(done)
-    search = Search(
+    fallback: Callable[[], dict[str, int]] | None = None
+    repair: Callable[[dict[str, int]], dict[str, int] | None] | None = None
+    limit = goal.size_limit
+    if limit is not None:  # over-limit proposals are repaired; a random feasible plan when Ax has no data yet
+        rng = random.Random(args.seed)
+        sizes = setup.slots
+        fallback = lambda: random_feasible(sizes, limit, rng)  # noqa: E731
+        repair = lambda values: repair_to_budget(sizes, limit, values)  # noqa: E731
+    return Search(
         driver,
         pool,
         history,
@@ -347,19 +353,12 @@ def _make_search(
         seeds=seeds,
         max_failure_rate=args.max_failure_rate,
         placement_timeout=args.placement_timeout,
-        metrics_to_row=metrics_to_row,
         progress=bar,
         on_result=None if not bar.disable else print_row,
+        fallback=fallback,
+        repair=repair,
+        index_offset=index_offset,
     )
-    if goal.constraint_metric == "model_size_gb":
-        from bo_search.budget import SlotSizes, random_feasible, repair_to_budget  # quant: torch
-
-        rng = random.Random(args.seed)
-        sizes = SlotSizes(setup.space, setup.size_model)
-        limit = goal.limit
-        search.fallback = lambda: random_feasible(sizes, limit, rng)
-        search.repair = lambda values: repair_to_budget(sizes, limit, values)
-    return search
 
 
 def _run(search: Search, done: int) -> tuple[SearchStats, int]:

@@ -15,6 +15,7 @@ from bo_search.space import load_initial_samples
 from bo_search.types import UserError
 
 if TYPE_CHECKING:
+    from bo_search.budget import SizeLimit
     from bo_search.search.experiment import Goal
     from bo_search.search.runner import Setup
 
@@ -70,38 +71,34 @@ def resolve_prior(setup: Setup) -> Sensitivity | None:
 def thompson_node(setup: Setup, goal: Goal, prior: Sensitivity | None, encoding: str) -> Any:
     """The Thompson generation node for ``goal``: budget = the size limit (bits left for the space's
     slots), the perplexity limit (NLL), or a sweep of budgets (Pareto)."""
-    from bo_search.budget import SlotSizes
-    from bo_search.search.mckp import build_problem
     from bo_search.search.thompson import Acquisition, ThompsonConfig, make_thompson_node
-    from bo_search.sensitivity.allocate import total_bits_limit
 
     args = setup.args
     cfg = ThompsonConfig(
         rel_sd=args.ts_prior_sd, temper=args.ts_temper, seed=args.seed, shared_sd=getattr(args, "ts_shared_sd", ThompsonConfig.shared_sd)
     )
-    sizes = SlotSizes(setup.space, setup.size_model)
-    problem = build_problem(setup.space, sizes, prior.slot_costs(setup.space) if prior is not None else None)
+    problem = setup.slots.with_prior(prior)
     if goal.multi:
         acq = Acquisition("sweep", 0.0)
-    elif goal.constraint_metric == "model_size_gb":
-        acq = Acquisition("budget", float(total_bits_limit(goal.limit) - sizes.base_bits))
+    elif goal.size_limit is not None:
+        acq = Acquisition("budget", float(goal.size_limit.bits - problem.base_bits))
     else:
         acq = Acquisition("loss", math.log(goal.limit))
     objective = "nll" if acq.kind == "loss" else goal.objective.split(",")[0].strip()  # a perplexity limit is on NLL
     return make_thompson_node(setup.space, encoding, problem, acq, objective, cfg)
 
 
-def seeds_for(setup: Setup, spec: str, limit_gb: float) -> list[dict[str, int]]:
+def seeds_for(setup: Setup, spec: str, limit: SizeLimit) -> list[dict[str, int]]:
     if spec in ("none", ""):
         return []
     if spec == "uniform":
         from bo_search.sensitivity.seeds import uniform_seeds
 
-        return uniform_seeds(setup.space, setup.size_model, limit_gb)
+        return uniform_seeds(setup.space, setup.size_model, limit)
     if spec == "auto":
         from bo_search.sensitivity.seeds import auto_seeds
 
-        return auto_seeds(setup, limit_gb, fit_table(setup))
+        return auto_seeds(setup, limit, fit_table(setup))
     return load_initial_samples(spec, setup.space)
 
 

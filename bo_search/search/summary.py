@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bo_search import cli
-from bo_search.search.driver import search_score
 from bo_search.search.experiment import row_defaults
 from bo_search.search.finalists import FinalChoice, choose_final, describe, pending
 from bo_search.search.history import (
@@ -21,6 +20,7 @@ from bo_search.search.history import (
     read_history,
     update_rows,
 )
+from bo_search.search.metric_registry import search_score
 
 if TYPE_CHECKING:
     from bo_search.search.driver import SearchStats
@@ -76,7 +76,7 @@ def summarize(
     if goal.multi:
         pareto_summary(setup, comp, pool)
         return
-    if goal.constraint_metric == "model_size_gb":
+    if goal.size_limit is not None:
         feas = [r for r in comp if r.model_size is not None and r.model_size <= goal.limit]
     else:
         feas = [r for r in comp if r.cal_PPL is not None and r.cal_PPL <= goal.limit]
@@ -92,11 +92,11 @@ def summarize(
         )
     if not feas:
         smallest = min((r.model_size for r in comp if r.model_size is not None), default=None)
-        what = f"size limit {goal.limit:.6g} GB" if goal.constraint_metric == "model_size_gb" else f"perplexity limit {goal.limit:.6g}"
+        what = f"size limit {goal.limit:.6g} GB" if goal.size_limit is not None else f"perplexity limit {goal.limit:.6g}"
         print(
             f"no completed trial fits the {what}" + (f"; the smallest evaluated size was {smallest:.6g} GB" if smallest is not None else "")
         )
-        if goal.constraint_metric != "model_size_gb" and comp:
+        if goal.size_limit is None and comp:
             print(f"the lowest perplexity seen was {min(r.cal_PPL for r in comp if r.cal_PPL is not None):.4g}")
         return
     if goal.minimize:
@@ -124,13 +124,15 @@ def summarize(
 def finalists_wanted(setup: Setup, goal: Goal) -> int:
     """--finalists for a size-limited search (0: the final plan is the search split's best)."""
     k = int(getattr(setup.args, "finalists", 0) or 0)
-    return k if goal.constraint_metric == "model_size_gb" and not goal.multi else 0
+    return k if goal.size_limit is not None and not goal.multi else 0
 
 
 def uniform_candidates(setup: Setup, goal: Goal) -> list[QuantPlan]:
     from bo_search.sensitivity.seeds import best_uniform_candidates
 
-    return [setup.space.decode(v) for v in best_uniform_candidates(setup.space, setup.size_model, goal.limit)]
+    limit = goal.size_limit
+    assert limit is not None, "uniform candidates of a size-limited search"
+    return [setup.space.decode(v) for v in best_uniform_candidates(setup.space, setup.size_model, limit)]
 
 
 def final_choice_pending(setup: Setup, goal: Goal) -> bool:

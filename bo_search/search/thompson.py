@@ -51,8 +51,10 @@ from bo_search.space import from_ax, to_ax
 from bo_search.types import UserError
 
 if TYPE_CHECKING:
+    from bo_search.budget import SlotTable
     from bo_search.space import SearchSpace
-from bo_search.search.mckp import DRAW_TIME_LIMIT, SlotProblem, solve_mckp
+from bo_search.search.mckp import DRAW_TIME_LIMIT, solve_mckp
+from bo_search.search.metric_registry import nll_of_ppl
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,7 @@ INTERCEPT_SD = 3.0
 class Posterior:
     """Gaussian posterior over the per-slot model; ``mean``/``draw`` give per-slot per-choice losses."""
 
-    problem: SlotProblem
+    problem: SlotTable
     cfg: ThompsonConfig
     n: int = 0
     scale: float = 1.0
@@ -305,17 +307,16 @@ def propose(
             hi = sum(max(b) for b in p.budget)
             pick = solve(loss, p.budget, lo + (hi - lo) * float(rng.uniform()), exclude)
         else:
-            speed = p.speed if p.speed is not None else p.budget
-            pick = solve(speed, loss, acq.cap - float(theta[0]), exclude)
+            pick = solve(p.budget, loss, acq.cap - float(theta[0]), exclude)
             if pick is None:  # no plan meets the sampled limit: the best sampled quality instead
-                pick = solve(loss, speed, math.inf, exclude)
+                pick = solve(loss, p.budget, math.inf, exclude)
         if pick is not None:
             return pick, float(theta[0]) + p.total(loss, pick)
     return None
 
 
 def make_thompson_node(
-    space: SearchSpace, encoding: str, problem: SlotProblem, acq: Acquisition, objective_metric: str, cfg: ThompsonConfig
+    space: SearchSpace, encoding: str, problem: SlotTable, acq: Acquisition, objective_metric: str, cfg: ThompsonConfig
 ) -> Any:
     """An Ax ``ExternalGenerationNode`` named ``Thompson``: the experiment of record stays in Ax
     (attached seeds and history, failed and abandoned trials); every ``gen`` refits the posterior
@@ -342,7 +343,7 @@ def make_thompson_node(
                     sem = getattr(row, "sem", None)
                     sems[int(row.trial_index)] = float(sem) if sem is not None and math.isfinite(float(sem)) else None
                 elif row.metric_name == "ppl" and objective_metric == "nll" and int(row.trial_index) not in values:
-                    values[int(row.trial_index)] = math.log(float(row.mean))
+                    values[int(row.trial_index)] = nll_of_ppl(float(row.mean))  # a history row without NLL
             picks, ys, noise, seen = [], [], [], []
             for idx, trial in experiment.trials.items():
                 arm = trial.arms[0] if trial.arms else None

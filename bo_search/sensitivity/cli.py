@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from bo_search import cli
 from bo_search.sensitivity.compute import METHODS, compute
 from bo_search.sensitivity.table import DEFAULT_NSAMPLES, FISHER_LABELS, MEASURED_METRICS, STOP_RULES, Sensitivity, SensitivityConfig
-from bo_search.structure import Structure, load_structure
+from bo_search.structure import Structure, structure_setup
 from bo_search.types import UserError, did_you_mean
 
 if TYPE_CHECKING:
@@ -154,16 +154,6 @@ def original_tool_main(method: str, prog: str, description: str, argv: Sequence[
         if getattr(args, flag) is not None:
             out += [f"--{flag}", str(getattr(args, flag))]
     return main(out + rest)
-
-
-def structure_setup(args: argparse.Namespace) -> Structure:
-    """The model structure (meta device), space and sizes for a command that does not search; the
-    scheme flags a command lacks take the search's defaults."""
-    ns = argparse.Namespace(**vars(args))
-    for k, v in {"include_lm_head": False, "scale_dtype": "float16", "zero_bits": 16, "mse_clip": False, "fp_dtype": None}.items():
-        if not hasattr(ns, k):
-            setattr(ns, k, v)
-    return load_structure(ns)
 
 
 def _blocks(args: argparse.Namespace, n_blocks: int) -> list[int] | None:

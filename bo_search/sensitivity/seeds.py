@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bo_search import cli
-from bo_search.sensitivity.allocate import build_knapsack, check_budget, get_solver, pick_values, total_bits_limit
-from bo_search.sizes import SizeModel
-from bo_search.space import SearchSpace
+from bo_search.budget import SizeLimit, SlotTable
+from bo_search.sensitivity.allocate import check_budget, get_solver
 from bo_search.types import UserError
 
 if TYPE_CHECKING:
     from bo_search.sensitivity.table import Sensitivity
+    from bo_search.sizes import SizeModel
+    from bo_search.space import SearchSpace
     from bo_search.structure import Structure
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def _interleaved(n: int) -> list[int]:
     return out
 
 
-def widest_uniform(space: SearchSpace, size_model: SizeModel, limit_gb: float) -> list[tuple[int, int | None, dict[str, int]]]:
+def widest_uniform(space: SearchSpace, size_model: SizeModel, limit: SizeLimit) -> list[tuple[int, int | None, dict[str, int]]]:
     """For each group size of the space: (bits, group size, values) of the widest uniform plan that fits."""
     bits_choices = sorted({v for p in space.tunable if p.kind == "bits" for v in p.values})
     group_choices: list[int | None] = [*sorted({v for p in space.tunable if p.kind == "group_size" for v in p.values})] or [None]
@@ -44,29 +45,29 @@ def widest_uniform(space: SearchSpace, size_model: SizeModel, limit_gb: float) -
         best: tuple[int, int | None, dict[str, int]] | None = None
         for b in bits_choices:
             vals = space.uniform(b, g, check_fixed=False)
-            if vals is not None and size_model.gb(space.decode(vals)) <= limit_gb:
+            if vals is not None and limit.admits(size_model.gb(space.decode(vals))):
                 best = (b, g, vals)
         if best is not None:
             out.append(best)
     return out
 
 
-def best_uniform_candidates(space: SearchSpace, size_model: SizeModel, limit_gb: float) -> list[dict[str, int]]:
+def best_uniform_candidates(space: SearchSpace, size_model: SizeModel, limit: SizeLimit) -> list[dict[str, int]]:
     """The uniform plans that fit and that no other fitting uniform plan beats on both counts (at
     least as many bits and a group at most as large): the candidates for "the best uniform plan"."""
 
     def group_key(g: int | None) -> float:
         return math.inf if g is None or g <= 0 else float(g)
 
-    wide = widest_uniform(space, size_model, limit_gb)
+    wide = widest_uniform(space, size_model, limit)
     return [vals for b, g, vals in wide if not any((b2, g2) != (b, g) and b2 >= b and group_key(g2) <= group_key(g) for b2, g2, _ in wide)]
 
 
-def uniform_seeds(space: SearchSpace, size_model: SizeModel, limit_gb: float) -> list[dict[str, int]]:
+def uniform_seeds(space: SearchSpace, size_model: SizeModel, limit: SizeLimit) -> list[dict[str, int]]:
     """For each group size: the widest uniform plan that fits, and that plan with slots upgraded to
     the next bit width (first and last blocks first) until the budget is used."""
     seeds: list[dict[str, int]] = []
-    for _b, _g, best in widest_uniform(space, size_model, limit_gb):
+    for _b, _g, best in widest_uniform(space, size_model, limit):
         seeds.append(best)
         filled = dict(best)
         bit_params = [p for p in space.tunable if p.kind == "bits"]
@@ -77,7 +78,7 @@ def uniform_seeds(space: SearchSpace, size_model: SizeModel, limit_gb: float) ->
             if not higher:
                 continue
             trial = {**filled, p.name: higher[0]}
-            if size_model.gb(space.decode(trial)) <= limit_gb:
+            if limit.admits(size_model.gb(space.decode(trial))):
                 filled = trial
         if filled != best:
             seeds.append(filled)
@@ -127,28 +128,33 @@ class Seed:
 
 
 def allocate(
-    space: SearchSpace,
+    table: SlotTable,
     size_model: SizeModel,
     sens: Sensitivity,
-    limit_gb: float,
+    limit: SizeLimit | None,
     solvers: Sequence[str] = ("exact",),
     fractions: Sequence[float] = BUDGET_FRACTIONS,
     bitops_limit: float | None = None,
 ) -> list[Seed]:
     """Allocations by each solver at each budget: ``fraction`` of the bits the limit leaves for the
     space's layers. The full budget must admit a plan (UserError otherwise); smaller fractions that
-    admit none are skipped. Every seed fits ``limit_gb``.
+    admit none are skipped. Every seed fits ``limit``. ``table``: the space's size table
+    (``Structure.slots``), its prior is ``sens``.
 
-    With ``bitops_limit`` (giga bit-operations per token, see ``build_knapsack``) the knapsack
-    budget is bit operations instead of size, and ``limit_gb`` is not enforced (pass ``math.inf``)."""
+    With ``bitops_limit`` (giga bit-operations per token, see ``SlotTable.build``) the knapsack
+    budget is bit operations instead of size, and ``limit`` is not enforced (pass None)."""
     for f in fractions:
         if not 0 < f <= 1:
             raise UserError(f"budget fractions must be in (0, 1], got {f}")
     fns = [(name, get_solver(name)) for name in solvers]
+    space = table.space
+    assert space is not None, "allocate needs a table built from a space"
     metric = "size" if bitops_limit is None else "bitops"
-    problem = build_knapsack(space, size_model, sens, metric)
-    room = (total_bits_limit(limit_gb) if bitops_limit is None else math.floor(bitops_limit * 1e9)) - problem.base_bits
-    check_budget(problem, room, metric)
+    problem = (table if metric == table.metric else SlotTable.build(space, size_model, metric)).with_prior(sens)
+    if limit is None and bitops_limit is None:
+        raise ValueError("allocate: give a size limit or a bit-operations limit")
+    room = (limit.bits if bitops_limit is None and limit is not None else math.floor((bitops_limit or 0.0) * 1e9)) - problem.base_bits
+    check_budget(problem, room)
     seeds: list[Seed] = []
     for f in fractions:
         budget = math.floor(f * room) if f < 1 else room
@@ -157,19 +163,19 @@ def allocate(
             continue
         for name, fn in fns:
             alloc = fn(problem, budget)
-            values = pick_values(space, problem, alloc.pick)
+            values = problem.values_of(alloc.pick)
             plan = space.decode(values)
             report = size_model.report(plan)
-            assert report.gb <= limit_gb, (report.gb, limit_gb)
+            assert limit is None or limit.admits(report.gb), (report.gb, limit)
             gbops = (alloc.bits + problem.base_bits) / 1e9 if metric == "bitops" else None
             seeds.append(Seed(name, f, values, report.gb, report.avg_bits, alloc.cost, alloc.optimal, plan.histogram(), gbops))
     return seeds
 
 
-def auto_seeds(setup: Structure, limit_gb: float, sens: Sensitivity | None = None) -> list[dict[str, int]]:
+def auto_seeds(setup: Structure, limit: SizeLimit, sens: Sensitivity | None = None) -> list[dict[str, int]]:
     """``--initial_samples auto``: FIT sensitivity on the calibration split (computed in this process
     once, then read from the cache), exact allocations at 100/98/96% of the budget, the greedy one at
-    100%, and the two budget-filling uniform seeds with the lowest predicted loss; all fit ``limit_gb``."""
+    100%, and the two budget-filling uniform seeds with the lowest predicted loss; all fit ``limit``."""
     if sens is None:
         from bo_search.sensitivity.cache import cached_sensitivity
 
@@ -183,13 +189,13 @@ def auto_seeds(setup: Structure, limit_gb: float, sens: Sensitivity | None = Non
             f"{AUTO_METHOD} sensitivity {'read from' if hit else 'computed and cached in'} {path} ({time.perf_counter() - t0:.1f} s)",
             flush=True,
         )
-    seeds = allocate(setup.space, setup.size_model, sens, limit_gb, solvers=("exact",)) + allocate(
-        setup.space, setup.size_model, sens, limit_gb, solvers=("greedy",), fractions=(1.0,)
+    seeds = allocate(setup.slots, setup.size_model, sens, limit, solvers=("exact",)) + allocate(
+        setup.slots, setup.size_model, sens, limit, solvers=("greedy",), fractions=(1.0,)
     )
     # The additive model is only a model (at ~3.5 bits the benchmark's FIT allocation is within noise of
     # uniform 3-bit): also seed the uniform plans it predicts best, so auto never starts behind 'uniform'.
     tables = sens.slot_costs(setup.space)
-    uniform = sorted(uniform_seeds(setup.space, setup.size_model, limit_gb), key=lambda v: sens.predicted(setup.space, v, tables))
+    uniform = sorted(uniform_seeds(setup.space, setup.size_model, limit), key=lambda v: sens.predicted(setup.space, v, tables))
     return dedupe([s.values for s in seeds] + uniform[:AUTO_UNIFORM])
 
 

@@ -222,22 +222,21 @@ class Sensitivity:
                         f"{space.source}; recompute it with --parameters_list {space.source}"
                     )
             costs: dict[tuple[int, int], float] = {}
-            for b in slot.bits.values:
-                for g in slot.group_size.values:
-                    lq = space.choice_setting(b, g)
-                    if not lq.is_quantized:
-                        costs[(b, g)] = 0.0
-                        continue
-                    total = 0.0
-                    for u in members:
-                        val = self.costs[u].get(choice_key(lq))
-                        if val is None:
-                            raise UserError(
-                                f"the sensitivity JSON ({self.method}) has no cost for {choice_key(lq)} at {u}: it was computed for another "
-                                f"parameter space ({self.space or 'unknown'}); recompute it with --parameters_list {space.source}"
-                            )
-                        total += val
-                    costs[(b, g)] = total
+            for b, g in slot.choices:
+                lq = space.choice_setting(b, g)
+                if not lq.is_quantized:
+                    costs[(b, g)] = 0.0
+                    continue
+                total = 0.0
+                for u in members:
+                    val = self.costs[u].get(choice_key(lq))
+                    if val is None:
+                        raise UserError(
+                            f"the sensitivity JSON ({self.method}) has no cost for {choice_key(lq)} at {u}: it was computed for another "
+                            f"parameter space ({self.space or 'unknown'}); recompute it with --parameters_list {space.source}"
+                        )
+                    total += val
+                costs[(b, g)] = total
             out.append(costs)
         return out
 
@@ -264,7 +263,7 @@ def layer_choices(space: SearchSpace) -> dict[str, tuple[LayerQuant, ...]]:
     """Every setting the space allows for each layer FQN."""
     out: dict[str, tuple[LayerQuant, ...]] = {}
     for slot in space.slots:
-        lqs = tuple(space.choice_setting(b, g) for b in slot.bits.values for g in slot.group_size.values)
+        lqs = tuple(space.choice_setting(b, g) for b, g in slot.choices)
         for f in slot.fqns:
             out[f] = tuple(dict.fromkeys(out.get(f, ()) + lqs))
     return out
