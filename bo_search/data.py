@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,11 +195,14 @@ def file_corpus(path: str | os.PathLike[str]) -> Corpus:
     if not docs:
         raise UserError(f"--eval_text {p} holds no text")
     counts = {s: sum(d.split == s for d in docs) for s in SPLITS}
-    print(
-        f"--eval_text {p}: {len(docs)} documents ({rule}); split {SPLIT_RULE}; documents per split "
-        + ", ".join(f"{s} {counts[s]}" for s in SPLITS),
-        file=sys.stderr,
-        flush=True,
+    # a warning, so the user sees it by default: how their file was cut into documents is worth a look
+    log.warning(
+        "--eval_text %s: %d documents (%s); split %s; documents per split %s",
+        p,
+        len(docs),
+        rule,
+        SPLIT_RULE,
+        ", ".join(f"{s} {counts[s]}" for s in SPLITS),
     )
     return Corpus(str(p), tuple(docs))
 

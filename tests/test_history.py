@@ -1,6 +1,7 @@
 """History mechanics without a search: a torn last row, an old-format header, the writer lock."""
 
 import csv
+import logging
 import os
 import subprocess
 import sys
@@ -20,6 +21,12 @@ def _rows(n):
     ]
 
 
+def _warnings(caplog):
+    """bo_search.search.history's warnings: what the user sees on stderr (setup_logging shows bo_search's
+    warnings; its info lines only with --verbose)."""
+    return [r.getMessage() for r in caplog.records if r.name == "bo_search.search.history" and r.levelno >= logging.WARNING]
+
+
 def _write(path, rows):
     w = HistoryWriter(path)
     for r in rows:
@@ -27,7 +34,7 @@ def _write(path, rows):
     w.close()
 
 
-def test_torn_last_row_is_set_aside_and_complete_rows_kept(tmp_path, capsys):
+def test_torn_last_row_is_set_aside_and_complete_rows_kept(tmp_path, caplog):
     h = tmp_path / "h.csv"
     _write(h, _rows(4))
     text = h.read_text()
@@ -37,8 +44,8 @@ def test_torn_last_row_is_set_aside_and_complete_rows_kept(tmp_path, capsys):
     assert [r.trial_index for r in loaded.rows] == [0, 1, 2]
     side = tmp_path / "h.csv.torn-1"
     assert side.read_text() == text[text.rstrip("\n").rfind("\n") + 1 : cut]
-    err = capsys.readouterr().err
-    assert "cut off mid-write" in err and str(side) in err and err.strip().count("\n") == 0
+    [err] = _warnings(caplog)
+    assert "cut off mid-write" in err and str(side) in err and "\n" not in err
     assert h.read_text() == text[: text.rstrip("\n").rfind("\n") + 1]  # every complete row, byte for byte
     # a second torn tail gets a new side file, the first is never overwritten
     h.write_text(h.read_text() + "3,compl")
@@ -71,7 +78,7 @@ def test_last_row_without_its_newline_is_kept(tmp_path):
     assert h.read_text().endswith("\n") and not list(tmp_path.glob("*.torn-*"))
 
 
-def test_old_format_is_read_and_upgraded_in_place(tmp_path, capsys):
+def test_old_format_is_read_and_upgraded_in_place(tmp_path, caplog):
     h = tmp_path / "old.csv"
     old_cols = [c for c in COLUMNS if c not in ("goal", "limit_metric", "limit")]
     with open(h, "w", newline="") as fh:
@@ -85,7 +92,7 @@ def test_old_format_is_read_and_upgraded_in_place(tmp_path, capsys):
     w = HistoryWriter(h)  # a resumed search opens it for appending: the header is upgraded first
     w.append(_rows(3)[2])
     w.close()
-    assert "upgraded to " + FORMAT_VERSION in capsys.readouterr().out
+    assert any("upgraded to " + FORMAT_VERSION in m for m in _warnings(caplog))
     with open(h, newline="") as fh:
         assert next(csv.reader(fh)) == COLUMNS
     rows = read_history(h).rows

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
 
 from bo_search import cli
 from bo_search.search.finalists import DEFAULT_FINALISTS
-
-if TYPE_CHECKING:
-    pass
+from bo_search.search.strategies import DEFAULT_STRATEGY
 
 #: the objective a size-limited search minimises by default (BENCHMARKS.md: the objective study)
 DEFAULT_OBJECTIVE = "nll"
@@ -160,7 +157,7 @@ def _add_strategy_args(p: argparse.ArgumentParser) -> None:
     st = p.add_argument_group("proposal strategy")
     st.add_argument(
         "--strategy",
-        default="thompson",
+        default=DEFAULT_STRATEGY,
         help="thompson (default): a Bayesian per-slot loss model centred on the --prior table, corrected by every trial, "
         "sampled and solved exactly under the limit (every proposal fits; BENCHMARKS.md); gp: Ax's BoTorch GP "
         "(Sobol start, relaxed choices, over-limit proposals repaired)",

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
+import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -22,6 +21,8 @@ from typing import Any
 from bo_search.cli import check_output_path
 from bo_search.search.lock import HistoryLock  # noqa: F401  (imported from here by the runner and tests)
 from bo_search.types import QuantPlan, UserError
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "bo_search.history/3"
 #: formats this code reads; /1 lacks the goal and limit columns, /2 the KL, noise and validation
@@ -40,7 +41,12 @@ TRIAL_STATUSES = STATUSES[:4]
 class HistoryRow:
     trial_index: int
     status: str  # completed | failed | infeasible (over the size limit: never evaluated) | abandoned | rescored
-    source: str  # seed | thompson | sobol | bo | repaired | random; rescored rows: that trial's source, or uniform
+    #: who proposed the plan: ``seed`` (``--initial_samples``), ``random`` (a random plan within the size
+    #: limit, when Ax's model has no data to fit yet), ``repaired`` (an over-limit proposal moved to the
+    #: nearest fitting plan), or the Ax generation node's name in lower case: ``thompson``, ``sobol``,
+    #: ``bo`` (``?`` if Ax names none);
+    #: a rescored row: its trial's source, or ``uniform`` for a uniform plan no trial evaluated
+    source: str
     reason: str = ""  # why a trial failed or was not evaluated; for a rescored row, its role (finalist, best seed, ...)
     cal_PPL: float | None = None  # perplexity on the search split
     cal_PPL_sem: float | None = None  # its standard error across the search windows (mostly the text's own spread)
@@ -189,7 +195,7 @@ def upgrade_header(path: Path) -> bool:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     added = [c for c in COLUMNS if c not in header]
-    print(f"history {path}: upgraded to {FORMAT_VERSION} (column(s) {', '.join(added)} added; rows unchanged)", flush=True)
+    log.warning("history %s: upgraded to %s (column(s) %s added; rows unchanged)", path, FORMAT_VERSION, ", ".join(added))
     return True
 
 
@@ -313,11 +319,7 @@ def _set_aside_torn_tail(p: Path) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, p)
-    print(
-        f"warning: history {p}: its last row was cut off mid-write (the search was killed); set aside in {side}, that trial runs again",
-        file=sys.stderr,
-        flush=True,
-    )
+    log.warning("history %s: its last row was cut off mid-write (the search was killed); set aside in %s, that trial runs again", p, side)
 
 
 def _parse_row(raw: Mapping[str, str | None]) -> HistoryRow:
@@ -387,7 +389,3 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 def completed(rows: Iterable[HistoryRow]) -> list[HistoryRow]:
     return [r for r in rows if r.status == "completed"]
-
-
-def to_json_line(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bo_search.search.strategies import DriverConfig, check_strategy
+from bo_search.search.strategies import DEFAULT_STRATEGY, DriverConfig, check_strategy
 from bo_search.types import UserError
 
 
@@ -30,7 +30,7 @@ def check_search_flags(args: argparse.Namespace) -> None:
         _check_local_gpus(cluster_gpus)
     if address:
         _check_address_reachable(address)
-    strategy = check_strategy(getattr(args, "strategy", "gp"))
+    strategy = check_strategy(getattr(args, "strategy", DEFAULT_STRATEGY))
     if hasattr(args, "encoding"):
         DriverConfig(args.encoding, args.num_restarts, args.raw_samples, args.n_sobol, args.seed, strategy)
     if strategy == "thompson":

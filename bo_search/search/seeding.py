@@ -4,6 +4,7 @@ table and generation node."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
     from bo_search.search.experiment import Goal
     from bo_search.search.runner import Setup
 
+log = logging.getLogger(__name__)
+
 
 def fit_table(setup: Setup) -> Sensitivity:
     """FIT on the calibration split for this model and space: computed in this process once (then
@@ -28,11 +31,10 @@ def fit_table(setup: Setup) -> Sensitivity:
 
     if AUTO_METHOD not in setup.tables:
         t0 = time.perf_counter()
-        print(f"{AUTO_METHOD} sensitivity on the calibration split (computed once per model and space, then cached)", flush=True)
+        log.info("%s sensitivity on the calibration split (computed once per model and space, then cached)", AUTO_METHOD)
         sens, path, hit = cached_sensitivity(setup.eval_cfg, setup.ref, setup.layers, setup.space, AUTO_METHOD, progress=cli.progress)
-        print(
-            f"{AUTO_METHOD} sensitivity {'read from' if hit else 'computed and cached in'} {path} ({time.perf_counter() - t0:.1f} s)",
-            flush=True,
+        log.info(
+            "%s sensitivity %s %s (%.1f s)", AUTO_METHOD, "read from" if hit else "computed and cached in", path, time.perf_counter() - t0
         )
         setup.tables[AUTO_METHOD] = sens
     return setup.tables[AUTO_METHOD]
@@ -53,7 +55,7 @@ def resolve_prior(setup: Setup) -> Sensitivity | None:
                 rec = {}
             if isinstance(rec, dict) and rec.get("path") and Path(rec["path"]).is_file():
                 spec = rec["path"]
-                print(f"prior: the sensitivity table the seeds were allocated from, {spec}", flush=True)
+                log.info("prior: the sensitivity table the seeds were allocated from, %s", spec)
         if spec == "auto":
             return fit_table(setup)
     sens = Sensitivity.load(spec)

@@ -9,6 +9,8 @@ from typing import Any
 from bo_search.types import UserError, did_you_mean
 
 STRATEGIES = ("thompson", "gp")
+#: the strategy of a search that names none (``--strategy``'s default)
+DEFAULT_STRATEGY = "thompson"
 
 
 def check_strategy(name: str) -> str:
@@ -24,7 +26,7 @@ class DriverConfig:
     raw_samples: int = 256
     n_sobol: int = 4
     seed: int | None = None
-    strategy: str = "gp"
+    strategy: str = DEFAULT_STRATEGY
 
     def __post_init__(self) -> None:
         check_strategy(self.strategy)
@@ -35,7 +37,7 @@ class DriverConfig:
 
 
 def make_generation_strategy(cfg: DriverConfig, node: Any = None) -> Any:
-    """``thompson``: the single node ``node`` (strategy.make_thompson_node; it needs no quasi-random
+    """``thompson``: the single node ``node`` (thompson.make_thompson_node; it needs no quasi-random
     start: with no data its draws come from the prior). ``gp``: Sobol for ``n_sobol`` trials (beyond
     attached seeds and history), then BoTorch with a cheap acquisition optimiser
     (``num_restarts``/``raw_samples``; Ax's defaults cost minutes per proposal)."""

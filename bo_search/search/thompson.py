@@ -1,6 +1,7 @@
-"""Proposal strategies. ``thompson`` (the default): a Bayesian per-slot loss model, sampled and
-solved exactly under the budget (BOCS-style; Baptista & Poloczek, ICML 2018). ``gp``: Ax's own
-BoTorch GP over the (relaxed) parameters.
+"""The ``thompson`` proposal strategy (the default): a Bayesian per-slot loss model, sampled and
+solved exactly under the budget (BOCS-style; Baptista & Poloczek, ICML 2018), as an Ax generation
+node. The strategy registry and the other strategy, ``gp`` (Ax's BoTorch GP), are in
+:mod:`bo_search.search.strategies`.
 
 The Thompson model
 ------------------
@@ -330,7 +331,6 @@ def make_thompson_node(
             super().__init__(name="Thompson", should_deduplicate=True)
             self.posterior = Posterior(problem, cfg)
             self.seen: list[tuple[int, ...]] = []
-            self.last_prediction: float | None = None
             self.fit_time_since_gen = time.monotonic() - t0
 
         def update_generator_state(self, experiment: Any, data: Any) -> None:
@@ -364,7 +364,7 @@ def make_thompson_node(
             got = propose(self.posterior, acq, self._rng, exclude=self.seen + pending)
             if got is None:
                 raise UserError("the Thompson strategy found no new plan that fits the limit: the space may be exhausted")
-            pick, self.last_prediction = got
+            pick, _ = got
             return to_ax(space, problem.values_of(pick), encoding)
 
     return ThompsonNode()

@@ -322,7 +322,6 @@ class WorkerPool:
         self._trial_delay_s, self._delay_trials = parse_trial_delay(os.environ.get(TEST_TRIAL_DELAY_ENV, ""))
         self.slots: list[_Slot] = [self._new_slot(i) for i in range(n)]
         self.restarts = 0
-        self.nodes_lost = 0
         self._none_ready_since: float | None = None
         self._nodes_checked = 0.0
         self._alive: dict[str, bool] = {}
@@ -586,7 +585,6 @@ class WorkerPool:
             if not lost and now - s.dead_since < self.node_loss_grace_s:
                 continue
             if lost:
-                self.nodes_lost += 1
                 reason = f"node lost: worker {s.worker_id}'s node left the Ray cluster"
             else:
                 reason = f"worker {s.worker_id} died: {_first_line(err)}"

@@ -180,14 +180,12 @@ def auto_seeds(setup: Structure, limit: SizeLimit, sens: Sensitivity | None = No
         from bo_search.sensitivity.cache import cached_sensitivity
 
         t0 = time.perf_counter()
-        print(
-            f"--initial_samples auto: {AUTO_METHOD} sensitivity on the calibration split (computed once per model and space, then cached)",
-            flush=True,
+        log.info(
+            "--initial_samples auto: %s sensitivity on the calibration split (computed once per model and space, then cached)", AUTO_METHOD
         )
         sens, path, hit = cached_sensitivity(setup.eval_cfg, setup.ref, setup.layers, setup.space, AUTO_METHOD, progress=cli.progress)
-        print(
-            f"{AUTO_METHOD} sensitivity {'read from' if hit else 'computed and cached in'} {path} ({time.perf_counter() - t0:.1f} s)",
-            flush=True,
+        log.info(
+            "%s sensitivity %s %s (%.1f s)", AUTO_METHOD, "read from" if hit else "computed and cached in", path, time.perf_counter() - t0
         )
     seeds = allocate(setup.slots, setup.size_model, sens, limit, solvers=("exact",)) + allocate(
         setup.slots, setup.size_model, sens, limit, solvers=("greedy",), fractions=(1.0,)
