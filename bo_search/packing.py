@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from bo_search.backends import export_error
 from bo_search.model import ModelLayers
 from bo_search.types import LayerQuant, QuantPlan, UserError
 
@@ -108,8 +109,9 @@ def save_packed(
     """
     from safetensors.torch import save_file
 
-    if any(lq.ggml_type for lq in plan.values()):
-        raise UserError("a plan in llama.cpp types is saved as a GGUF file (report --gguf OUT.gguf), not as a packed checkpoint")
+    refusal = export_error(plan.values(), "packed")
+    if refusal:
+        raise UserError(refusal)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     fp = DTYPE_BY_NAME[fp_dtype or config_dtype_name(model)]

@@ -11,14 +11,16 @@ includes zero, the zero point is an integer in the signed range, the scale is st
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from bo_search.backends import AFFINE, GGML, backend_for, register_builtin
 from bo_search.model import LinearInfo, ModelLayers
-from bo_search.types import FULL_PRECISION, PER_CHANNEL, LayerQuant, QuantPlan, UserError, did_you_mean, ggml_effective_type
+from bo_search.types import FULL_PRECISION, PER_CHANNEL, LayerQuant, QuantPlan, UserError, did_you_mean, ggml_effective_type, ggml_row_bytes
 
 DTYPE_BITS = {torch.float32: 32, torch.float16: 16, torch.bfloat16: 16, torch.float64: 64}
 
@@ -74,12 +76,12 @@ def effective_group(in_features: int, group_size: int) -> int:
 
 
 def check_group(info: LinearInfo, lq: LayerQuant) -> None:
-    if lq.ggml_type:
-        try:
-            ggml_effective_type(lq.ggml_type, info.in_features)
-        except UserError as err:
-            raise UserError(f"layer {info.fqn}: {err}") from None
-        return
+    """UserError when the setting cannot be applied to the layer (its backend's check)."""
+    backend_for(lq).check(info, lq)
+
+
+def check_affine_group(info: LinearInfo, lq: LayerQuant) -> None:
+    """The affine backend's check: the group must divide the layer's input features."""
     if not lq.is_quantized:
         return
     g = effective_group(info.in_features, lq.group_size)
@@ -131,11 +133,14 @@ def quantize_codes(wg: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, bits
 
 
 def fake_quantize(w: torch.Tensor, lq: LayerQuant, scheme: QuantScheme = DEFAULT_SCHEME) -> torch.Tensor:
-    """Quantize then dequantize a 2-D weight with one setting; returns a new tensor of w's dtype."""
-    if lq.ggml_type:
-        from bo_search import ggml
+    """Quantize then dequantize a 2-D weight with one setting (by its backend); returns a new tensor of w's dtype."""
+    if not lq.is_quantized:
+        return w.clone()
+    return backend_for(lq).fake_quantize(w, lq, scheme)
 
-        return ggml.fake_quantize(w, lq.ggml_type)
+
+def affine_fake_quantize(w: torch.Tensor, lq: LayerQuant, scheme: QuantScheme = DEFAULT_SCHEME) -> torch.Tensor:
+    """The affine backend: plain rounding to integer codes with a scale and zero point per group."""
     if not lq.is_quantized:
         return w.clone()
     out_f, in_f = w.shape
@@ -242,9 +247,71 @@ class PlanApplier:
 
     def fake_quantize(self, fqn: str, w: torch.Tensor, lq: LayerQuant) -> torch.Tensor:
         """Layer ``fqn``'s weight ``w`` (its original) quantized and dequantized at ``lq`` by this applier's quantizer."""
-        if self.quantizer is not None and not lq.ggml_type and lq.is_quantized:
+        if self.quantizer is not None and lq.is_quantized and backend_for(lq).name == AFFINE:
             return self.quantizer.fake_quantize(fqn, w, lq)
         return fake_quantize(w, lq, self.scheme)
+
+
+# ---------------------------------------------------------------------------------------------
+# The built-in quantization backends (bo_search.backends)
+# ---------------------------------------------------------------------------------------------
+
+
+class AffineBackend:
+    """Integer codes in the signed ``bits`` range with a scale (and an integer zero point when
+    asymmetric) per group of ``group_size`` input features: torchao's ``IntxWeightOnlyConfig``."""
+
+    name = AFFINE
+
+    def claims(self, lq: LayerQuant) -> bool:
+        return not lq.ggml_type
+
+    def check(self, info: LinearInfo, lq: LayerQuant) -> None:
+        check_affine_group(info, lq)
+
+    def fake_quantize(self, w: torch.Tensor, lq: LayerQuant, scheme: QuantScheme) -> torch.Tensor:
+        return affine_fake_quantize(w, lq, scheme)
+
+    def layer_bits(self, info: LinearInfo, lq: LayerQuant, scheme: QuantScheme) -> int:
+        g = effective_group(info.in_features, lq.group_size)
+        groups = info.out_features * (info.in_features // g)
+        code_bits = 8 * math.ceil(info.numel * lq.bits / 8)
+        return code_bits + groups * (scheme.scale_bits + (0 if lq.symmetric else scheme.zero_bits))
+
+    def export_error(self, lq: LayerQuant, target: str) -> str | None:
+        return None
+
+
+class GgmlBackend:
+    """llama.cpp tensor types (``LayerQuant.of_ggml``): llama.cpp's own rounding, its exact bytes per
+    block with its row fallback; exported as a GGUF file, not as a packed or torchao checkpoint."""
+
+    name = GGML
+
+    def claims(self, lq: LayerQuant) -> bool:
+        return bool(lq.ggml_type)
+
+    def check(self, info: LinearInfo, lq: LayerQuant) -> None:
+        try:
+            ggml_effective_type(lq.ggml_type, info.in_features)
+        except UserError as err:
+            raise UserError(f"layer {info.fqn}: {err}") from None
+
+    def fake_quantize(self, w: torch.Tensor, lq: LayerQuant, scheme: QuantScheme) -> torch.Tensor:
+        from bo_search import ggml
+
+        return ggml.fake_quantize(w, lq.ggml_type)
+
+    def layer_bits(self, info: LinearInfo, lq: LayerQuant, scheme: QuantScheme) -> int:
+        return 8 * info.out_features * ggml_row_bytes(lq.ggml_type, info.in_features)
+
+    def export_error(self, lq: LayerQuant, target: str) -> str | None:
+        if target == "packed":
+            return "a plan in llama.cpp types is saved as a GGUF file (report --gguf OUT.gguf), not as a packed checkpoint"
+        return f"{lq.ggml_type} is a llama.cpp type, not a torchao one: export a ggml plan as GGUF (report --gguf out.gguf)"
+
+
+register_builtin(AffineBackend(), GgmlBackend())
 
 
 def torchao_layer_config(lq: LayerQuant, in_features: int, device: str = "cpu", scheme: QuantScheme = DEFAULT_SCHEME) -> Any:
@@ -254,8 +321,9 @@ def torchao_layer_config(lq: LayerQuant, in_features: int, device: str = "cpu", 
     ``Int8WeightOnlyConfig``. Everything else (and every choice on CPU) -> ``IntxWeightOnlyConfig``,
     which stores unpacked int8 codes and matches the fake-quant numerics.
     """
-    if lq.ggml_type:
-        raise UserError(f"{lq.ggml_type} is a llama.cpp type, not a torchao one: export a ggml plan as GGUF (report --gguf out.gguf)")
+    refusal = backend_for(lq).export_error(lq, "torchao") if lq.is_quantized else None
+    if refusal:
+        raise UserError(refusal)
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig, MappingType
     from torchao.quantization.granularity import PerAxis, PerGroup
 
@@ -276,7 +344,7 @@ def torchao_layer_config(lq: LayerQuant, in_features: int, device: str = "cpu", 
 
 def has_fast_kernel(lq: LayerQuant, device: str) -> bool:
     """Whether a layer choice runs on a fast quantized kernel on ``device`` (CUDA tinygemm int4 / int8 weight-only)."""
-    if not device.startswith("cuda") or not lq.is_quantized or lq.ggml_type:
+    if not device.startswith("cuda") or not lq.is_quantized or backend_for(lq).name != AFFINE:
         return False
     if lq.bits == 4 and not lq.symmetric and lq.group_size in (32, 64, 128, 256):
         return True

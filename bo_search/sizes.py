@@ -4,15 +4,15 @@ every unquantized tensor at its storage dtype), per layer (a space's per-slot ta
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from bo_search.backends import backend_for
 from bo_search.model import LinearInfo, ModelLayers
-from bo_search.quant import DEFAULT_SCHEME, DTYPE_BITS, DTYPE_BY_NAME, QuantScheme, effective_group
-from bo_search.types import LayerQuant, QuantPlan, UserError, ggml_row_bytes
+from bo_search.quant import DEFAULT_SCHEME, DTYPE_BITS, DTYPE_BY_NAME, QuantScheme
+from bo_search.types import LayerQuant, QuantPlan, UserError
 
 
 @dataclass(frozen=True)
@@ -85,15 +85,9 @@ class SizeModel:
         self._infos = layers.by_fqn()
 
     def layer_bits(self, info: LinearInfo, lq: LayerQuant) -> int:
-        if lq.ggml_type:  # the type's exact bytes per block, k-quant fallback applied
-            return 8 * info.out_features * ggml_row_bytes(lq.ggml_type, info.in_features)
         if not lq.is_quantized:
             return info.numel * self.fp_bits
-        g = effective_group(info.in_features, lq.group_size)
-        groups = info.out_features * (info.in_features // g)
-        code_bits = 8 * math.ceil(info.numel * lq.bits / 8)
-        meta = groups * (self.scheme.scale_bits + (0 if lq.symmetric else self.scheme.zero_bits))
-        return code_bits + meta
+        return backend_for(lq).layer_bits(info, lq, self.scheme)
 
     def report(self, plan: QuantPlan) -> SizeReport:
         qbits = 0

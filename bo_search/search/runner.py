@@ -20,7 +20,7 @@ from bo_search.search import identity, preflight
 from bo_search.search.driver import Search, SearchStopped
 from bo_search.search.experiment import AxDriver, attach_history, row_defaults
 from bo_search.search.history import HistoryLock, HistoryRow, HistoryWriter, check_writable, read_history
-from bo_search.search.strategies import DriverConfig, check_strategy
+from bo_search.search.strategies import DEFAULT_STRATEGY, DriverConfig, check_strategy
 from bo_search.sensitivity.table import Sensitivity
 from bo_search.space import resolve_encoding
 from bo_search.structure import Structure, load_structure
@@ -297,7 +297,7 @@ def _strategy_and_prior(setup: Setup) -> tuple[str, Sensitivity | None]:
     from bo_search.search.thompson import ThompsonConfig
 
     args = setup.args
-    strategy = check_strategy(getattr(args, "strategy", "gp"))
+    strategy = check_strategy(getattr(args, "strategy", DEFAULT_STRATEGY))
     if strategy != "thompson":
         return strategy, None
     ThompsonConfig(rel_sd=args.ts_prior_sd, temper=args.ts_temper, shared_sd=getattr(args, "ts_shared_sd", ThompsonConfig.shared_sd))
