@@ -62,36 +62,53 @@ def _is_local(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class Import:
+    target: str  # dotted name as imported: a module of ours (resolved, relative imports included) or a third-party one
+    line: int
+    local: bool  # inside a function
+    type_checking: bool  # under ``if TYPE_CHECKING:`` (never runs)
+
+
+def imports_of(name: str, path: Path, modules: dict[str, Path]) -> list[Import]:
+    """Every import statement of one module, at any level."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    is_pkg = path.name == "__init__.py"
+    out: list[Import] = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        else:
+            base = node.module or ""
+            if node.level:
+                pkg = name.split(".") if is_pkg else name.split(".")[:-1]
+                base = ".".join(pkg[: len(pkg) - node.level + 1] + ([base] if base else []))
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        for t in targets:
+            if t.split(".")[0] == "bo_search":
+                while t not in modules and "." in t:
+                    t = t.rsplit(".", 1)[0]
+            out.append(Import(t, node.lineno, _is_local(node, parents), _in_type_checking(node, parents)))
+    return out
+
+
 def scan(modules: dict[str, Path]) -> tuple[list[Edge], dict[str, set[str]]]:
     """Edges between our modules (TYPE_CHECKING imports left out: they never run), and each module's
     third-party imports at module level."""
     edges: list[Edge] = []
     top_external: dict[str, set[str]] = {m: set() for m in modules}
     for name, path in modules.items():
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
-        is_pkg = path.name == "__init__.py"
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.Import, ast.ImportFrom)) or _in_type_checking(node, parents):
+        for imp in imports_of(name, path, modules):
+            if imp.type_checking:
                 continue
-            local = _is_local(node, parents)
-            targets: list[str] = []
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            else:
-                base = node.module or ""
-                if node.level:
-                    pkg = name.split(".") if is_pkg else name.split(".")[:-1]
-                    base = ".".join(pkg[: len(pkg) - node.level + 1] + ([base] if base else []))
-                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
-            for t in targets:
-                if t.split(".")[0] == "bo_search":
-                    while t not in modules and "." in t:
-                        t = t.rsplit(".", 1)[0]
-                    if t != name:
-                        edges.append(Edge(name, t, local, node.lineno))
-                elif not local:
-                    top_external[name].add(t.split(".")[0])
+            if imp.target.split(".")[0] == "bo_search":
+                if imp.target != name:
+                    edges.append(Edge(name, imp.target, imp.local, imp.line))
+            elif not imp.local:
+                top_external[name].add(imp.target.split(".")[0])
     return edges, top_external
 
 
@@ -190,3 +207,76 @@ def test_only_the_llamacpp_adapter_talks_to_llamacpp(graph) -> None:
                     bad.append(f"{name}:{node.lineno}")
     assert seen_in_adapter, "the scan no longer sees the adapter's own import of the bindings"
     assert not bad, "only bo_search.llamacpp may import llama.cpp's bindings: " + "; ".join(bad)
+
+
+def dynamic_imports(path: Path) -> list[tuple[str, int]]:
+    """``importlib.import_module("x")`` and ``__import__("x")`` calls with a literal name: (x, line)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Call) or not node.args or not isinstance(node.args[0], ast.Constant):
+            continue
+        func = node.func
+        called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+        if called in ("import_module", "__import__") and isinstance(node.args[0].value, str):
+            out.append((node.args[0].value, node.lineno))
+    return out
+
+
+#: the one module that talks to Ray (DESIGN.md: "workers (the only ray importer)")
+RAY_IMPORTER = "bo_search.search.workers"
+
+
+def test_only_the_workers_module_imports_ray(graph) -> None:
+    """``bo_search.search.workers`` is the one module that imports ray, at any level (function-local
+    and TYPE_CHECKING imports included, and ``importlib.import_module``): the driver, the
+    sensitivity passes and the CLIs reach Ray through it. ``bo_search.ray_env`` only sets the
+    environment Ray reads when it is imported; it must not import ray itself."""
+    modules, _, _ = graph
+    bad: list[str] = []
+    seen_in_workers = False
+    for name, path in modules.items():
+        lines = [i.line for i in imports_of(name, path, modules) if i.target.split(".")[0] == "ray"]
+        lines += [line for target, line in dynamic_imports(path) if target.split(".")[0] == "ray"]
+        if name == RAY_IMPORTER:
+            seen_in_workers = bool(lines)
+        else:
+            bad += [f"{name}:{line}" for line in lines]
+    assert seen_in_workers, "the scan no longer sees the workers' own import of ray"
+    assert not bad, f"only {RAY_IMPORTER} may import ray: " + "; ".join(bad)
+
+
+#: the command-line entry points: they wire the package together, nothing below them imports them.
+#: ``bo_search.search.runner`` (the searches' wiring) is not listed: experiment.py, seeding.py and
+#: summary.py import its ``Setup`` under TYPE_CHECKING (issue 32).
+ENTRY_POINTS = {
+    "bo_search.acc_modelsize",
+    "bo_search.acc_throughput",
+    "bo_search.pareto",
+    "bo_search.seed",
+    "bo_search.evaluate",
+    "bo_search.sensitivity.cli",
+    "bo_search.sensitivity.__main__",
+    "bo_search.report.cli",
+    "bo_search.report.__main__",
+}
+
+
+def test_the_search_never_imports_an_entry_point(graph) -> None:
+    """No module of ``bo_search/search/`` imports a CLI entry point, at any level (function-local and
+    TYPE_CHECKING imports included): the entry points import the search, never the other way."""
+    modules, _, _ = graph
+    assert ENTRY_POINTS <= set(modules), sorted(ENTRY_POINTS - set(modules))
+    # the list keeps up: every module with a top-level main() is an entry point
+    mains = {
+        name
+        for name, path in modules.items()
+        if any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in ast.parse(path.read_text(encoding="utf-8")).body)
+    }
+    assert mains <= ENTRY_POINTS, f"entry points missing from ENTRY_POINTS: {sorted(mains - ENTRY_POINTS)}"
+    search = {m: p for m, p in modules.items() if m.startswith("bo_search.search.")}
+    assert {"bo_search.search.driver", "bo_search.search.summary", "bo_search.search.seeding"} <= set(search)
+    bad: list[str] = []
+    for name, path in search.items():
+        bad += [f"{name}:{i.line} imports {i.target}" for i in imports_of(name, path, modules) if i.target in ENTRY_POINTS]
+        bad += [f"{name}:{line} imports {target}" for target, line in dynamic_imports(path) if target in ENTRY_POINTS]
+    assert not bad, "the search imports an entry point: " + "; ".join(bad)
