@@ -246,8 +246,7 @@ def test_only_the_workers_module_imports_ray(graph) -> None:
 
 
 #: the command-line entry points: they wire the package together, nothing below them imports them.
-#: ``bo_search.search.runner`` (the searches' wiring) is not listed: experiment.py, seeding.py and
-#: summary.py import its ``Setup`` under TYPE_CHECKING (issue 32).
+#: ``bo_search.search.runner`` (the searches' wiring) is checked on its own below.
 ENTRY_POINTS = {
     "bo_search.acc_modelsize",
     "bo_search.acc_throughput",
@@ -275,8 +274,29 @@ def test_the_search_never_imports_an_entry_point(graph) -> None:
     assert mains <= ENTRY_POINTS, f"entry points missing from ENTRY_POINTS: {sorted(mains - ENTRY_POINTS)}"
     search = {m: p for m, p in modules.items() if m.startswith("bo_search.search.")}
     assert {"bo_search.search.driver", "bo_search.search.summary", "bo_search.search.seeding"} <= set(search)
+    below_runner = ENTRY_POINTS | {RUNNER}
     bad: list[str] = []
     for name, path in search.items():
-        bad += [f"{name}:{i.line} imports {i.target}" for i in imports_of(name, path, modules) if i.target in ENTRY_POINTS]
-        bad += [f"{name}:{line} imports {target}" for target, line in dynamic_imports(path) if target in ENTRY_POINTS]
-    assert not bad, "the search imports an entry point: " + "; ".join(bad)
+        if name == RUNNER:
+            continue
+        bad += [f"{name}:{i.line} imports {i.target}" for i in imports_of(name, path, modules) if i.target in below_runner]
+        bad += [f"{name}:{line} imports {target}" for target, line in dynamic_imports(path) if target in below_runner]
+    assert not bad, "the search imports an entry point or the runner: " + "; ".join(bad)
+
+
+#: the searches' wiring (flags -> setup -> workers, driver, summary): only entry points import it
+RUNNER = "bo_search.search.runner"
+
+
+def test_entry_points_do_not_import_each_other(graph) -> None:
+    """An entry point takes what it shares with another from the layers below (``structure``, the
+    search's modules), never from the other entry point (issue 32: seed.py took its size limit from
+    acc_modelsize and its structure from sensitivity.cli)."""
+    modules, _, _ = graph
+    own = {"bo_search.sensitivity.__main__": "bo_search.sensitivity.cli", "bo_search.report.__main__": "bo_search.report.cli"}
+    bad: list[str] = []
+    for name in ENTRY_POINTS:
+        for i in imports_of(name, modules[name], modules):
+            if i.target in ENTRY_POINTS and i.target != own.get(name):
+                bad.append(f"{name}:{i.line} imports {i.target}")
+    assert not bad, "entry points import each other: " + "; ".join(sorted(bad))

@@ -351,7 +351,7 @@ def _fake_sensitivity_file(tiny_llama, tmp_path):
 def test_auto_seeds_compute_once_then_reuse_the_cache(tiny_llama, tmp_path, monkeypatch):
     from bo_search.budget import SizeLimit
     from bo_search.search import seeding as search_seeding
-    from bo_search.search.runner import Setup
+    from bo_search.search.setup import Setup
     from bo_search.sensitivity import seeds as seeding
     from bo_search.sensitivity.cache import cached_sensitivity
     from bo_search.sensitivity.table import DEFAULT_NSAMPLES

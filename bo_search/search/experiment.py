@@ -20,7 +20,7 @@ from bo_search.space import SearchSpace, ax_parameters, from_ax, to_ax
 from bo_search.types import UserError
 
 if TYPE_CHECKING:
-    from bo_search.search.runner import Setup
+    from bo_search.search.setup import Setup
 
 
 @dataclass(frozen=True)

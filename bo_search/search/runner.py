@@ -4,13 +4,11 @@ history and resume, seeds, workers, the Ax driver, the final summary."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +18,8 @@ from bo_search.search import identity, preflight
 from bo_search.search.driver import Search, SearchStopped
 from bo_search.search.experiment import AxDriver, attach_history, row_defaults
 from bo_search.search.history import HistoryLock, HistoryRow, HistoryWriter, check_writable, read_history
-from bo_search.search.strategies import DEFAULT_STRATEGY, DriverConfig, check_strategy
+from bo_search.search.setup import SearchOptions, Setup
+from bo_search.search.strategies import DriverConfig, check_strategy
 from bo_search.sensitivity.table import Sensitivity
 from bo_search.space import resolve_encoding
 from bo_search.structure import Structure, load_structure
@@ -40,60 +39,31 @@ REPO_ROOT = structure.REPO_ROOT  # kept for the entry points and scripts that na
 EMBEDDED_SPACE = structure.EMBEDDED_SPACE
 
 
-@dataclass
-class Setup(Structure):
-    """What the driver process knows: the structure, space and sizes, plus the history."""
-
-    args: argparse.Namespace = field(default_factory=argparse.Namespace)
-    history_path: Path = Path()
-    history_rows: list[HistoryRow] = field(default_factory=list)
-    #: sensitivity tables computed in this process, by method (auto seeds and the prior share one)
-    tables: dict[str, Sensitivity] = field(default_factory=dict)
-    lock: HistoryLock | None = None
-    #: the weights' content and evaluation settings, recorded on every row (search/identity.py)
-    identity: dict[str, str] = field(default_factory=dict)
-
-    @classmethod
-    def from_structure(cls, st: Structure, args: argparse.Namespace, **history: Any) -> Setup:
-        return cls(**{f.name: getattr(st, f.name) for f in dataclasses.fields(Structure)}, args=args, **history)
-
-    def release(self) -> None:
-        """Release the history's lock (a refusal after ``prepare``: the next command, in this process
-        too, may take it). Idempotent; ``run_search`` releases it as well."""
-        if self.lock is not None:
-            self.lock.release()
-
-
 def prepare(args: argparse.Namespace, search: str, take_lock: bool = True) -> Setup:
     """Flags -> model structure, space, sizes and the history (read, checked; a torn last row set
     aside). ``take_lock``: this process is the history's writer (a search); False for commands that
     only need the structure."""
 
-    if args.num_trials < 1:
-        raise UserError(f"--num_trials must be at least 1, got {args.num_trials}")
-    if not 0 < args.max_failure_rate <= 1:
-        raise UserError(f"--max_failure_rate must be in (0, 1], got {args.max_failure_rate}")
-    if getattr(args, "placement_timeout", 1.0) <= 0:
-        raise UserError(f"--placement_timeout must be positive (seconds), got {args.placement_timeout:g}")
+    options = SearchOptions.from_args(args)  # validated: a bad value fails before anything loads
     preflight.check_search_flags(args)
-    parse_gpus(getattr(args, "gpu_list", None))
+    parse_gpus(options.gpu_list)
     st = load_structure(args)
-    history_path = Path(args.history_output).expanduser()
+    history_path = Path(options.history_output).expanduser()
     lock = None
     if take_lock:
         cli.check_output_path(history_path)
         lock = HistoryLock(history_path).acquire()  # one writer per history; released at exit
     try:
-        rows, ids = _checked_history(args, st, history_path, search, take_lock)
+        rows, ids = _checked_history(options, st, history_path, search, take_lock)
     except BaseException:
         if lock is not None:
             lock.release()  # refused: the next command (in this process too) may take it
         raise
-    return Setup.from_structure(st, args, history_path=history_path, history_rows=rows, lock=lock, identity=ids)
+    return Setup.from_structure(st, options, history_path=history_path, history_rows=rows, lock=lock, identity=ids)
 
 
 def _checked_history(
-    args: argparse.Namespace, st: Structure, history_path: Path, search: str, take_lock: bool
+    options: SearchOptions, st: Structure, history_path: Path, search: str, take_lock: bool
 ) -> tuple[list[HistoryRow], dict[str, str]]:
     """The history's rows (a torn last row set aside when ``take_lock``), each checked against this
     model, space, search, size accounting, weights and evaluation settings; and this run's
@@ -115,11 +85,10 @@ def _checked_history(
                 raise UserError(f"history {history_path} holds a {r.search} search, not {search}; use a new --history_output")
             space.encode(r.plan)  # raises if the plan is not expressible in this space
         check_history_sizes(history_path, rows, st.size_model)
-    elif args.resume:
+    elif options.resume:
         raise UserError(f"--resume: history {history_path} does not exist or is empty")
-    on_gpu = bool(getattr(args, "gpu_list", None)) or getattr(args, "gpus", None) is not None
-    settings = identity.eval_settings(st.eval_cfg, on_gpu)
-    identity.check_history(history_path, rows, ref, settings, args)
+    settings = identity.eval_settings(st.eval_cfg, options.on_gpu)
+    identity.check_history(history_path, rows, ref, settings, options)
     if take_lock:
         check_writable(history_path)
     return rows, identity.row_fields(ref, settings)
@@ -147,7 +116,7 @@ def check_history_limit(setup: Setup, goal: Goal) -> None:
         if r.limit is None or not r.limit_metric:
             continue
         same = r.limit_metric == goal.constraint_metric and math.isclose(r.limit, goal.limit, rel_tol=1e-9)
-        if not same and not getattr(setup.args, "change_limit", False):
+        if not same and not setup.options.change_limit:
             raise UserError(
                 f"history {setup.history_path} was searched under {r.limit_metric} <= {r.limit:.6g} (trial {r.trial_index}), "
                 f"not {goal.constraint_metric} <= {goal.limit:.6g}; pass the same limit, add --change_limit to continue it "
@@ -176,18 +145,18 @@ def _start_pool(setup: Setup, gpus: list[int], cluster_gpus: int | str | None, w
     """The workers, started without waiting: they load their model while Ax is set up."""
     from bo_search.search.workers import TrialWorker, WorkerPool
 
-    args = setup.args
+    opts = setup.options
     return WorkerPool(
         setup.eval_cfg,
-        num_workers=args.num_workers,
+        num_workers=opts.num_workers,
         gpus=gpus,
-        ray_address=args.ray_address,
-        threads_per_worker=args.threads_per_worker,
+        ray_address=opts.ray_address,
+        threads_per_worker=opts.threads_per_worker,
         worker_cls=worker_cls or TrialWorker,
         cluster_gpus=cluster_gpus,
-        placement_timeout=args.placement_timeout,
+        placement_timeout=opts.placement_timeout,
         wait=False,
-        trial_timeout=getattr(args, "trial_timeout", None),
+        trial_timeout=opts.trial_timeout,
     )
 
 
@@ -201,9 +170,8 @@ def _print_banner(
     gpus: list[int],
     cluster_gpus: int | str | None,
 ) -> None:
-    args = setup.args
     detail = f"prior: {prior.label if prior is not None else 'flat'}" if strategy == "thompson" else f"{encoding} encoding"
-    n_workers = pool.size if pool is not None else len(gpus) or args.num_workers
+    n_workers = pool.size if pool is not None else len(gpus) or setup.options.num_workers
     kind = "GPU" if gpus or cluster_gpus is not None else "CPU"
     print(
         f"space {setup.space.source}: {len(setup.space.tunable)} tunable parameters; strategy {strategy} ({detail}); "
@@ -227,16 +195,16 @@ def run_search(
 
     from bo_search.search.workers import parse_cluster_gpus
 
-    args = setup.args
+    opts = setup.options
     torch.set_num_threads(1)  # the driver's Ax work must not fight the workers for cores
     done = sum(1 for r in setup.history_rows if r.status in ("completed", "failed"))
     if setup.history_rows:
         print(f"resuming {setup.history_path}: {len(setup.history_rows)} rows, {done} evaluated trials", flush=True)
-    if done >= args.num_trials:
-        print(f"the history already holds {done} evaluated trials (--num_trials {args.num_trials}); nothing to run")
+    if done >= opts.num_trials:
+        print(f"the history already holds {done} evaluated trials (--num_trials {opts.num_trials}); nothing to run")
     # every flag is checked before anything starts
-    cluster_gpus = parse_cluster_gpus(getattr(args, "gpus", None), args.gpu_list)
-    gpus = parse_gpus(args.gpu_list)
+    cluster_gpus = parse_cluster_gpus(opts.gpus, opts.gpu_list)
+    gpus = parse_gpus(opts.gpu_list)
     strategy, prior = _strategy_and_prior(setup)
     if not callable(goal) and not goal.multi:
         check_history_limit(setup, goal)
@@ -247,7 +215,7 @@ def run_search(
     driver = None
     status = 0
     try:
-        if done < args.num_trials or callable(goal) or final_choice_pending(setup, goal):
+        if done < opts.num_trials or callable(goal) or final_choice_pending(setup, goal):
             from bo_search.trial import ensure_calibrated  # torch
 
             ensure_calibrated(setup.eval_cfg, setup.ref, setup.layers)  # --quantizer gptq: once, here, not in every worker
@@ -263,7 +231,7 @@ def run_search(
         seeds = [s for s in seeds if setup.space.decode(s) not in seen]
         _print_banner(setup, strategy, prior, encoding, len(seeds), pool, gpus, cluster_gpus)
         history = HistoryWriter(setup.history_path)
-        if done < args.num_trials:
+        if done < opts.num_trials:
             assert pool is not None
             search = _make_search(setup, goal, driver, pool, history, seeds, done, row_extra, offset)
             stats, status = _run(search, done)
@@ -296,22 +264,22 @@ def _strategy_and_prior(setup: Setup) -> tuple[str, Sensitivity | None]:
     """``--strategy`` and, for ``thompson``, its prior table (bad values fail before anything starts)."""
     from bo_search.search.thompson import ThompsonConfig
 
-    args = setup.args
-    strategy = check_strategy(getattr(args, "strategy", DEFAULT_STRATEGY))
+    opts = setup.options
+    strategy = check_strategy(opts.strategy)
     if strategy != "thompson":
         return strategy, None
-    ThompsonConfig(rel_sd=args.ts_prior_sd, temper=args.ts_temper, shared_sd=getattr(args, "ts_shared_sd", ThompsonConfig.shared_sd))
+    ThompsonConfig(rel_sd=opts.ts_prior_sd, temper=opts.ts_temper, shared_sd=opts.ts_shared_sd)
     return strategy, resolve_prior(setup)
 
 
 def _make_driver(setup: Setup, goal: Goal, strategy: str, prior: Sensitivity | None) -> tuple[AxDriver, str]:
-    args = setup.args
+    opts = setup.options
     driver_cfg = DriverConfig(
-        encoding=resolve_encoding(setup.space, args.encoding),
-        num_restarts=args.num_restarts,
-        raw_samples=args.raw_samples,
-        n_sobol=args.n_sobol,
-        seed=args.seed,
+        encoding=resolve_encoding(setup.space, opts.encoding),
+        num_restarts=opts.num_restarts,
+        raw_samples=opts.raw_samples,
+        n_sobol=opts.n_sobol,
+        seed=opts.seed,
         strategy=strategy,
     )
     node = thompson_node(setup, goal, prior, driver_cfg.encoding) if strategy == "thompson" else None
@@ -329,16 +297,16 @@ def _make_search(
     row_extra: dict[str, Any] | None,
     index_offset: int,
 ) -> Search:
-    args = setup.args
+    opts = setup.options
     if not pool.infos:
         workers_ready(pool)
-    bar = cli.progress(range(args.num_trials), desc="trials", total=args.num_trials)
+    bar = cli.progress(range(opts.num_trials), desc="trials", total=opts.num_trials)
     bar.update(done)
     fallback: Callable[[], dict[str, int]] | None = None
     repair: Callable[[dict[str, int]], dict[str, int] | None] | None = None
     limit = goal.size_limit
     if limit is not None:  # over-limit proposals are repaired; a random feasible plan when Ax has no data yet
-        rng = random.Random(args.seed)
+        rng = random.Random(opts.seed)
         sizes = setup.slots
         fallback = lambda: random_feasible(sizes, limit, rng)  # noqa: E731
         repair = lambda values: repair_to_budget(sizes, limit, values)  # noqa: E731
@@ -348,11 +316,11 @@ def _make_search(
         history,
         setup.size_model.gb,
         row_defaults(setup, goal, row_extra),
-        args.num_trials,
+        opts.num_trials,
         already_evaluated=done,
         seeds=seeds,
-        max_failure_rate=args.max_failure_rate,
-        placement_timeout=args.placement_timeout,
+        max_failure_rate=opts.max_failure_rate,
+        placement_timeout=opts.placement_timeout,
         progress=bar,
         on_result=None if not bar.disable else print_row,
         fallback=fallback,

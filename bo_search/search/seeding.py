@@ -18,7 +18,7 @@ from bo_search.types import UserError
 if TYPE_CHECKING:
     from bo_search.budget import SizeLimit
     from bo_search.search.experiment import Goal
-    from bo_search.search.runner import Setup
+    from bo_search.search.setup import Setup
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,12 @@ def fit_table(setup: Setup) -> Sensitivity:
 
 def resolve_prior(setup: Setup) -> Sensitivity | None:
     """The Sensitivity table the thompson strategy's prior is centred on, or None (flat)."""
-    args = setup.args
-    spec = getattr(args, "prior", "auto")
+    opts = setup.options
+    spec = opts.prior
     if spec == "none":
         return None
     if spec == "auto":
-        init = getattr(args, "initial_samples", "")
+        init = opts.initial_samples
         if init not in ("auto", "uniform", "none", "") and Path(init).is_file():
             try:
                 rec = json.loads(Path(init).read_text(encoding="utf-8")).get("seeding", {}).get("sensitivity", {})
@@ -75,10 +75,8 @@ def thompson_node(setup: Setup, goal: Goal, prior: Sensitivity | None, encoding:
     slots), the perplexity limit (NLL), or a sweep of budgets (Pareto)."""
     from bo_search.search.thompson import Acquisition, ThompsonConfig, make_thompson_node
 
-    args = setup.args
-    cfg = ThompsonConfig(
-        rel_sd=args.ts_prior_sd, temper=args.ts_temper, seed=args.seed, shared_sd=getattr(args, "ts_shared_sd", ThompsonConfig.shared_sd)
-    )
+    opts = setup.options
+    cfg = ThompsonConfig(rel_sd=opts.ts_prior_sd, temper=opts.ts_temper, seed=opts.seed, shared_sd=opts.ts_shared_sd)
     problem = setup.slots.with_prior(prior)
     if goal.multi:
         acq = Acquisition("sweep", 0.0)

@@ -25,7 +25,7 @@ from bo_search.search.metric_registry import search_score
 if TYPE_CHECKING:
     from bo_search.search.driver import SearchStats
     from bo_search.search.experiment import Goal
-    from bo_search.search.runner import Setup
+    from bo_search.search.setup import Setup
     from bo_search.search.workers import WorkerPool
     from bo_search.types import QuantPlan
 
@@ -123,7 +123,7 @@ def summarize(
 
 def finalists_wanted(setup: Setup, goal: Goal) -> int:
     """--finalists for a size-limited search (0: the final plan is the search split's best)."""
-    k = int(getattr(setup.args, "finalists", 0) or 0)
+    k = int(setup.options.finalists or 0)
     return k if goal.size_limit is not None and not goal.multi else 0
 
 
@@ -173,7 +173,7 @@ def _print_search_best(best: HistoryRow, goal: Goal) -> None:
 
 
 def _write_best(setup: Setup, best: HistoryRow, heldout: float | None, picked_by: str) -> None:
-    out = Path(setup.args.best_plan_output or str(setup.history_path) + ".best_plan.json")
+    out = Path(setup.options.best_plan_output or str(setup.history_path) + ".best_plan.json")
     cli.write_json(
         out,
         {
@@ -235,7 +235,7 @@ def pareto_summary(setup: Setup, comp: list[Any], pool: WorkerPool | None) -> No
     ]
     print(f"Pareto front ({len(front)} of {len(pts)} completed trials; perplexity and size both minimised):")
     print(cli.table(rows, ["trial", "source", "model_size_gb", "avg_bits", "ppl", "ppl_heldout"]))
-    out = Path(setup.args.best_plan_output or str(setup.history_path) + ".pareto.json")
+    out = Path(setup.options.best_plan_output or str(setup.history_path) + ".pareto.json")
     cli.write_json(out, {"front": [{**row, **r.plan.to_json()} for row, r in zip(rows, front)]})
     print(f"front written to {out}")
 
