@@ -75,7 +75,14 @@ class SizeLimit:
         return (self.gb * 8e9 - other_bits) / n_weights
 
     def admits(self, gb: float) -> bool:
+        """Whether a plan of ``gb`` fits (exact: what seeds, repair and dispatch use)."""
         return gb <= self.gb
+
+    def holds(self, recorded_gb: float | None) -> bool:
+        """Whether a size recorded in a history is within the limit: the one rule the search's best
+        row, the finalists and the report share (relative tolerance 1e-9, for a limit recomputed
+        from ``--avg_bits`` in another process)."""
+        return recorded_gb is not None and recorded_gb <= self.gb * (1 + 1e-9)
 
 
 @dataclass(frozen=True)

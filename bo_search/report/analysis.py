@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+from bo_search.budget import SizeLimit
 from bo_search.search.history import OLD_TEST_SPLIT_FORMATS, HistoryRow, LoadedHistory, pareto_front, read_history
 from bo_search.search.metric_registry import val_score
 from bo_search.types import UserError
@@ -61,6 +62,10 @@ class Limit:
     @property
     def known(self) -> bool:
         return self.value is not None
+
+    def holds_size(self, gb: float | None) -> bool:
+        """A size limit's rule for a recorded size (``SizeLimit.holds``, shared with the search)."""
+        return self.value is not None and SizeLimit(self.value).holds(gb)
 
 
 @dataclass(frozen=True)
@@ -243,7 +248,7 @@ def _by_size(
     """The same for a size (or Pareto) search: lowest perplexity within the size limit."""
     limit = _size_limit(rows, completed, infeasible, search, opts)
     if limit.known:
-        feasible = [r for r in with_ppl if r.model_size is not None and r.model_size <= (limit.value or 0.0) * (1 + 1e-9)]
+        feasible = [r for r in with_ppl if limit.holds_size(r.model_size)]
     else:
         feasible = list(with_ppl)  # a size search evaluates only plans under its limit
     best = min(feasible, key=lambda r: r.cal_PPL or math.inf) if feasible else None
@@ -273,9 +278,7 @@ def _validation_pick(
     if not rescored:
         return best, best_why
     latest = max(rescored, key=lambda r: r.timestamp).val_tokens
-    cands = [
-        r for r in rescored if r.val_tokens == latest and (not limit.known or (r.model_size or 0.0) <= (limit.value or 0.0) * (1 + 1e-9))
-    ]
+    cands = [r for r in rescored if r.val_tokens == latest and (not limit.known or limit.holds_size(r.model_size or 0.0))]
     if not cands:
         return best, best_why
     objective = objective_of(rescored)

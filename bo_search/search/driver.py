@@ -335,12 +335,7 @@ class Search:
             self.on_result(row)
 
     def _feasible(self, row: HistoryRow) -> bool:
-        g = self.driver.goal
-        if g.multi:
-            return True
-        if g.size_limit is not None:
-            return row.model_size is not None and row.model_size <= g.limit
-        return row.cal_PPL is not None and row.cal_PPL <= g.limit
+        return self.driver.goal.feasible(row)
 
     def _record(self, prop: Proposal, status: str, result: TrialResult | None = None, reason: str = "") -> HistoryRow:
         fields_: dict[str, Any] = dict(self.row_defaults)

@@ -44,6 +44,15 @@ class Goal:
         """The size limit of a size-limited search (None for the other goals)."""
         return SizeLimit(self.limit) if self.constraint_metric == SIZE_METRIC else None
 
+    def feasible(self, row: HistoryRow) -> bool:
+        """Whether a completed row meets the goal's limit (a Pareto search has none)."""
+        if self.multi:
+            return True
+        limit = self.size_limit
+        if limit is not None:
+            return limit.holds(row.model_size)
+        return row.cal_PPL is not None and row.cal_PPL <= self.limit
+
 
 class AxDriver:
     """A thin wrapper over the Ax ``Client`` speaking in tunable-parameter dicts."""

@@ -72,7 +72,8 @@ def is_uniform(plan: QuantPlan) -> bool:
 
 
 def fits(row: HistoryRow, goal: Goal) -> bool:
-    return goal.size_limit is None or (row.model_size is not None and row.model_size <= goal.limit * (1 + 1e-9))
+    limit = goal.size_limit
+    return limit is None or limit.holds(row.model_size)
 
 
 def finalists(rows: Sequence[HistoryRow], goal: Goal, k: int, uniform: Sequence[QuantPlan] = ()) -> list[Finalist]:

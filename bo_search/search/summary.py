@@ -76,10 +76,7 @@ def summarize(
     if goal.multi:
         pareto_summary(setup, comp, pool)
         return
-    if goal.size_limit is not None:
-        feas = [r for r in comp if r.model_size is not None and r.model_size <= goal.limit]
-    else:
-        feas = [r for r in comp if r.cal_PPL is not None and r.cal_PPL <= goal.limit]
+    feas = [r for r in comp if goal.feasible(r)]
     n_failed = sum(r.status == "failed" for r in rows)
     n_inf = sum(r.status == "infeasible" for r in rows)
     print(f"\n{len(comp)} completed, {n_failed} failed, {n_inf} proposals over the limit (not evaluated), in {wall_s:.0f} s")

@@ -203,7 +203,16 @@ class Sensitivity:
 
     def slot_costs(self, space: SearchSpace) -> list[dict[tuple[int, int], float]]:
         """Per slot of ``space``, the predicted cost of each allowed (bits, group_size): the sum of the
-        costs of the units that tile the slot. UserError when the table cannot price the space."""
+        costs of the units that tile the slot. UserError when the table cannot price the space.
+        Computed once per space (the seeds, the prior check and the Thompson node share it); do not
+        modify the returned tables."""
+        cache: dict[str, list[dict[tuple[int, int], float]]] = self.__dict__.setdefault("_slot_costs", {})
+        key = f"{space.fingerprint}:{space.source}"
+        if key not in cache:
+            cache[key] = self._slot_costs(space)
+        return cache[key]
+
+    def _slot_costs(self, space: SearchSpace) -> list[dict[tuple[int, int], float]]:
         unit_of: dict[str, str] = {f: u for u, fqns in self.units.items() for f in fqns}
         out: list[dict[tuple[int, int], float]] = []
         for slot in space.slots:
