@@ -237,3 +237,44 @@ def test_every_search_runs_on_a_ggml_space_and_gguf_export_needs_a_gguf_checkpoi
     with pytest.raises(UserError, match="saved as a GGUF"):
         save_packed(None, None, QuantPlan({"a": LayerQuant.of_ggml("Q4_0")}), tmp_path / "ck")  # type: ignore[arg-type]
     assert not (tmp_path / "ck").exists()
+
+
+def test_a_ggml_search_with_the_default_prior_prices_each_type_by_its_own_cost(tiny_llama, tmp_path, monkeypatch):
+    """Issue 32's suspected bug: the prior's costs were keyed by "bits:group", which would merge Q4_0
+    and Q4_1 (both 4 nominal bits). The search's own wiring (the default prior, FIT on the calibration
+    split, then the Thompson node's table) must give each type its own cost."""
+    import argparse
+    import math
+
+    from bo_search.search import seeding
+    from bo_search.search.experiment import Goal
+    from bo_search.search.setup import Setup
+    from bo_search.sensitivity.table import choice_key
+    from bo_search.structure import size_limit, structure_setup
+    from bo_search.types import GGML_TYPE_NAMES
+
+    monkeypatch.setenv("BO_SEARCH_CACHE", str(tmp_path / "cache"))
+    types = ["Q4_0", "Q4_1", "Q8_0"]
+    space = _ggml_space(tmp_path / "g.json", types)
+    args = argparse.Namespace(
+        checkpoint=str(tiny_llama), parameters_list=str(space), eval_text="pydoc", max_seqlen=32, batch_size=4, device="cpu"
+    )
+    setup = Setup.from_structure(structure_setup(args), args)
+    assert setup.options.prior == "auto" and setup.space.is_ggml  # the default prior
+    prior = seeding.resolve_prior(setup)
+    assert prior is not None and prior.method == "fit"
+    goal = Goal("nll", True, "model_size_gb", size_limit(setup, None, 5.0).gb, "modelsize")
+    node = seeding.thompson_node(setup, goal, prior, "relaxed")
+    table = node.posterior.problem
+    assert table.prior is not None
+    unit_of = {f: u for u, fqns in prior.units.items() for f in fqns}
+    distinct = 0
+    for s, slot in enumerate(setup.space.slots):
+        for c, (b, _g) in enumerate(table.choices[s]):
+            name = GGML_TYPE_NAMES[b]  # a ggml slot's value is the type's index
+            want = sum(prior.costs[unit_of[f]][choice_key(LayerQuant.of_ggml(name))] for f in slot.fqns)
+            assert math.isclose(table.prior[s][c], want, rel_tol=1e-12), (slot.block, name)
+        by_type = {GGML_TYPE_NAMES[b]: table.prior[s][c] for c, (b, _) in enumerate(table.choices[s])}
+        assert set(by_type) == set(types)
+        distinct += by_type["Q4_0"] != by_type["Q4_1"]
+    assert distinct == len(setup.space.slots)  # same nominal bits, each type its own cost

@@ -206,7 +206,7 @@ class Sensitivity:
         costs of the units that tile the slot. UserError when the table cannot price the space.
         Computed once per space (the seeds, the prior check and the Thompson node share it); do not
         modify the returned tables."""
-        cache: dict[str, list[dict[tuple[int, int], float]]] = self.__dict__.setdefault("_slot_costs", {})
+        cache: dict[str, list[dict[tuple[int, int], float]]] = self.__dict__.setdefault("_slot_costs_cache", {})
         key = f"{space.fingerprint}:{space.source}"
         if key not in cache:
             cache[key] = self._slot_costs(space)
