@@ -8,14 +8,14 @@ interest: size at most the largest plan of the space, perplexity at most ``--max
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Sequence
 
 from bo_search import cli
-from bo_search.budget import SizeLimit
+from bo_search.budget import SIZE_METRIC, SizeLimit
 from bo_search.search import flags, runner, seeding
 from bo_search.search.experiment import Goal
+from bo_search.search.metric_registry import nll_of_ppl
 from bo_search.types import UserError
 
 
@@ -53,12 +53,12 @@ def _search(setup: runner.Setup, args: argparse.Namespace) -> int:
     if size_thr <= setup.min_gb:
         raise UserError(f"--max_size_gb {size_thr:.6g} is not above the smallest plan of the space ({setup.min_gb:.6g} GB)")
     goal = Goal(
-        objective="nll, model_size_gb",
+        objective=f"nll, {SIZE_METRIC}",
         minimize=True,
         constraint_metric="",
         limit=size_thr,
         search="pareto",
-        thresholds=(("nll", math.log(args.max_ppl)), ("model_size_gb", size_thr)),
+        thresholds=(("nll", nll_of_ppl(args.max_ppl)), (SIZE_METRIC, size_thr)),
     )
     print(
         f"Pareto search: size {setup.min_gb:.6g}-{setup.max_gb:.6g} GB in this space, thresholds size <= {size_thr:.6g} GB, perplexity <= {args.max_ppl:g}"
