@@ -295,7 +295,7 @@ def repair_to_budget(
     space = sizes.space
     assert space is not None, "repair needs a table built from a space"
     vals = dict(values)
-    limit_bits = limit.gb * 8e9
+    limit_bits = limit.bits
     total = sizes.bits(vals)
     while total > limit_bits:
         best: tuple[float, str, int, int] | None = None
@@ -328,7 +328,7 @@ def random_feasible(sizes: SlotTable, limit: SizeLimit, rng: random.Random) -> d
     assert space is not None, "random plans need a table built from a space"
     params = space.tunable
     vals = {p.name: rng.choice(p.values) for p in params}
-    limit_bits = limit.gb * 8e9
+    limit_bits = limit.bits
     total = sizes.bits(vals)
     while total > limit_bits:
         options = [(p.name, d) for p in params if (d := _down(p, vals[p.name])) is not None]
