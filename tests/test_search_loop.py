@@ -265,14 +265,24 @@ def test_ctrl_c_marks_in_flight_trials_abandoned(tmp_path, swallow):
     done = sorted(r.trial_index for r in rows if r.status == "completed")
     abandoned = [r for r in rows if r.status == "abandoned"]
     assert done == sorted(pool.results()) and len(done) == 3
-    assert sorted(r.trial_index for r in abandoned) == held
-    assert {r.reason for r in abandoned} == {"interrupted (Ctrl-C)"}
+    _check_abandoned(driver, rows, held, "interrupted (Ctrl-C)")
     assert all(r.nll is None for r in abandoned)
-    for r in abandoned:  # each abandoned row holds the plan its worker was given
+    assert (search.stats.completed, search.stats.abandoned, search.stats.evaluated) == (3, len(abandoned), 3)
+
+
+def _check_abandoned(driver: AxDriver, rows, held: list[int], reason: str) -> None:
+    """A search that ended early: the trials on a worker (``held``) are abandoned with ``reason``,
+    the ones proposed but not yet started with ``reason (proposed, not started)``; each is
+    ABANDONED in Ax with the plan Ax gave it, and every trial Ax holds has exactly one row."""
+    abandoned = [r for r in rows if r.status == "abandoned"]
+    in_flight = sorted(r.trial_index for r in abandoned if r.reason == reason)
+    queued = [r for r in abandoned if r.reason == f"{reason} (proposed, not started)"]
+    assert in_flight == held and len(in_flight) + len(queued) == len(abandoned)
+    for r in abandoned:  # each abandoned row holds the plan Ax gave the trial
         assert r.plan == driver.space.decode(_ax_values(driver, r.trial_index))
         assert ax_status(driver, r.trial_index) == "ABANDONED"
-    assert (search.stats.completed, search.stats.abandoned, search.stats.evaluated) == (3, 2, 3)
-    assert sorted(r.trial_index for r in rows) == sorted(pool.submitted())  # every dispatched trial has its row
+    assert sorted(r.trial_index for r in rows) == sorted(driver.client._experiment.trials)  # none silently dropped
+    assert "RUNNING" not in {ax_status(driver, i) for i in driver.client._experiment.trials}
 
 
 def _ax_values(driver: AxDriver, index: int) -> dict[str, int]:
@@ -312,11 +322,36 @@ def test_a_stopped_search_records_its_in_flight_trials_as_abandoned(tmp_path, wh
     held = sorted(i for kind, _, i in pool.events if kind == "cancel")
     assert pool.cancel_calls == 1 and len(held) == (2 if why == "broken pool" else 1)
     rows = read_history(tmp_path / "h.csv").rows
-    abandoned = [r for r in rows if r.status == "abandoned"]
-    assert sorted(r.trial_index for r in abandoned) == held
-    assert {r.reason for r in abandoned} == {want_reason}
-    assert sorted(r.trial_index for r in rows) == sorted(pool.submitted())  # every dispatched trial has its row
+    _check_abandoned(driver, rows, held, want_reason)
+    assert search.stats.abandoned == sum(r.status == "abandoned" for r in rows)
     assert len(rows) < 10
+
+
+def test_a_failed_proposal_step_leaves_no_trial_running(tmp_path):
+    """The proposal thread fails (a strategy's model fit raises, say) while two trials run: the user
+    gets one line, and the running trials are cancelled, abandoned in Ax and recorded, not dropped."""
+    from bo_search.types import UserError
+
+    driver = make_driver()
+    calls = []
+    propose = driver.propose
+
+    def flaky() -> object:
+        calls.append(1)
+        if len(calls) > 4:
+            raise RuntimeError("the model fit diverged")
+        return propose()
+
+    driver.propose = flaky  # type: ignore[method-assign]
+    pool = FakePool(["w0", "w1"], _hold_after(2))
+    search, history = make_search(driver, pool, tmp_path / "h.csv", num_trials=10)
+    with pytest.raises(UserError, match=r"the proposal step failed \(RuntimeError: the model fit diverged\)"):
+        run_to_end(search, history)
+    held = sorted(i for kind, _, i in pool.events if kind == "cancel")
+    assert pool.cancel_calls == 1 and 1 <= len(held) <= 2  # the 4th proposal may still be queued
+    rows = read_history(tmp_path / "h.csv").rows
+    assert sorted(r.status for r in rows) == ["abandoned"] * 2 + ["completed"] * 2
+    _check_abandoned(driver, rows, held, "search stopped: the proposal step failed")
 
 
 def test_resume_runs_only_the_remaining_trials_under_new_indices(tmp_path):
@@ -338,21 +373,25 @@ def test_resume_runs_only_the_remaining_trials_under_new_indices(tmp_path):
         run_to_end(search, history)
     rows = read_history(path).rows
     assert sorted((r.trial_index, r.status) for r in rows)[:5] == [(0, "completed"), (1, "failed")] + [(i, "completed") for i in (2, 3, 4)]
-    assert sorted(r.status for r in rows[5:]) == ["abandoned", "abandoned"] and max(r.trial_index for r in rows) == 6
+    # the 2 on the workers and those proposed but not started (0-2, as the proposal thread was placed)
+    assert {r.status for r in rows[5:]} == {"abandoned"} and 2 <= len(rows[5:]) <= 4
+    high = max(r.trial_index for r in rows)
+    assert sorted(r.trial_index for r in rows) == list(range(high + 1))
 
     # the user deletes the row of trial 3
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     drop = 1 + [r.trial_index for r in rows].index(3)  # +1: the header
     path.write_text("".join(lines[:drop] + lines[drop + 1 :]), encoding="utf-8")
     old = read_history(path).rows
-    assert sorted(r.trial_index for r in old) == [0, 1, 2, 4, 5, 6]
+    assert sorted(r.trial_index for r in old) == [i for i in range(high + 1) if i != 3]
     evaluated = sum(r.status in ("completed", "failed") for r in old)  # as runner.run_search counts them
     assert evaluated == 4
 
     driver = make_driver()
     offset = attach_history(driver, old)
-    assert offset == 1  # highest index 6, 6 rows attached as Ax trials 0..5: new Ax trial 6 is row 7
-    assert [ax_status(driver, i) for i in range(6)] == [
+    n_old = len(old)
+    assert offset == high + 1 - n_old == 1  # n_old rows attached as Ax trials 0..n_old-1: new Ax trial n_old is row high+1
+    assert [ax_status(driver, i) for i in range(n_old)] == [
         {"completed": "COMPLETED", "failed": "FAILED", "abandoned": "ABANDONED"}[r.status] for r in old
     ]
     second = FakePool(["w0", "w1"])
@@ -360,12 +399,12 @@ def test_resume_runs_only_the_remaining_trials_under_new_indices(tmp_path):
     search.index_offset = offset
     stats = run_to_end(search, history)
 
-    assert sorted(second.submitted()) == [6, 7, 8, 9, 10]  # Ax indices after the attached ones: 9 - 4 trials run
+    assert sorted(second.submitted()) == list(range(n_old, n_old + 5))  # Ax indices after the attached ones: 9 - 4 trials run
     assert stats.evaluated == 5
     rows = read_history(path).rows
     assert len(rows) == len(old) + 5
     new = rows[len(old) :]
-    assert sorted(r.trial_index for r in new) == [7, 8, 9, 10, 11]  # after the highest old index, none reused
+    assert sorted(r.trial_index for r in new) == list(range(high + 1, high + 6))  # after the highest old index, none reused
     assert len({r.trial_index for r in rows}) == len(rows)
     assert {r.status for r in new} == {"completed"}
     for r in new:  # the row's index is the Ax trial's index plus the offset: same plan

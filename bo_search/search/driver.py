@@ -84,7 +84,12 @@ class SearchStats:
 
 
 class SearchStopped(Exception):
-    """The search stopped early for a reason the user must see (too many failures, ...)."""
+    """The search stopped early for a reason the user must see (too many failures, ...).
+    ``abandon_reason``: what the trials it leaves unfinished are recorded with."""
+
+    def __init__(self, message: str, abandon_reason: str = ""):
+        super().__init__(message)
+        self.abandon_reason = abandon_reason
 
 
 class Search:
@@ -239,15 +244,13 @@ class Search:
             old_handler = signal.signal(signal.SIGINT, self._on_sigint)
         try:
             self._main_loop()
+            if self._error is not None:  # the proposal thread failed: nothing in flight is left behind
+                self._abandon_all(thread, "search stopped: the proposal step failed")
         except KeyboardInterrupt:
-            self._stop.set()
-            thread.join(timeout=600)
-            cancelled = self.pool.cancel_all()
-            for idx in cancelled:
-                prop = self._inflight.pop(idx)
-                self.driver.abandon(idx)
-                self._record(prop, "abandoned", reason="interrupted (Ctrl-C)")
-                self.stats.abandoned += 1
+            self._abandon_all(thread, "interrupted (Ctrl-C)")
+            raise
+        except SearchStopped as err:
+            self._abandon_all(thread, err.abandon_reason or f"search stopped: {err}")
             raise
         finally:
             self._stop.set()  # whatever ended the loop, the proposal thread ends too
@@ -258,6 +261,27 @@ class Search:
         if self._error is not None:
             raise _one_line(self._error)
         return self.stats
+
+    def _abandon_all(self, thread: threading.Thread, reason: str) -> None:
+        """The search ends early: the proposal thread is stopped first (Ax is then the main thread's
+        alone), results already recorded reach Ax, and every trial Ax holds as running (on a worker,
+        or proposed and queued) is cancelled, marked abandoned in Ax and recorded with ``reason``."""
+        self._stop.set()
+        thread.join(timeout=600)
+        self._drain_results()
+        for idx in self.pool.cancel_all():
+            prop = self._inflight.pop(idx)
+            self.driver.abandon(idx)
+            self._record(prop, "abandoned", reason=reason)
+            self.stats.abandoned += 1
+        while True:
+            try:
+                prop = self._ready.get_nowait()
+            except queue.Empty:
+                break
+            self.driver.abandon(prop.index)
+            self._record(prop, "abandoned", reason=f"{reason} (proposed, not started)")
+            self.stats.abandoned += 1
 
     def _main_loop(self) -> None:
         while True:
@@ -287,16 +311,14 @@ class Search:
             broken = getattr(self.pool, "broken", "")
             if broken:
                 self._stop_with(broken)
-                for idx in self.pool.cancel_all():
-                    self._record(self._inflight.pop(idx), "abandoned", reason="search stopped: workers cannot start")
-                raise SearchStopped(broken)
+                raise SearchStopped(broken, "search stopped: workers cannot start")
             unplaced = getattr(self.pool, "unplaced_s", None)
             if unplaced is not None and not self.pool.busy() and (waited := unplaced()) > self.placement_timeout:
                 self._stop_with(
                     f"no worker could be placed on the Ray cluster for {waited:.0f} s (--placement_timeout {self.placement_timeout:g}); "
                     "add a node (ray start --address HEAD:PORT) and run the same command again: it resumes from the history"
                 )
-                raise SearchStopped(self.stats.stop_reason)
+                raise SearchStopped(self.stats.stop_reason, "search stopped: no worker could be placed")
             plan_failures = self.stats.failed - self.stats.node_lost
             plan_evaluated = self.stats.evaluated - self.stats.node_lost
             if plan_evaluated >= 4 and plan_failures / plan_evaluated > self.max_failure_rate:
@@ -304,10 +326,7 @@ class Search:
                     f"{plan_failures} of {plan_evaluated} trials failed (more than --max_failure_rate {self.max_failure_rate:g}); "
                     "last reason is in the history's 'reason' column"
                 )
-                for idx in self.pool.cancel_all():
-                    prop = self._inflight.pop(idx)
-                    self._record(prop, "abandoned", reason="search stopped: too many failures")
-                raise SearchStopped(self.stats.stop_reason)
+                raise SearchStopped(self.stats.stop_reason, "search stopped: too many failures")
 
     def _on_result(self, res: TrialResult, prop: Proposal) -> None:
         self.stats.evaluated += 1
