@@ -181,7 +181,9 @@ def test_max_failure_rate_stops_search(ray_cluster, tiny_llama, tmp_path, capsys
     assert all(r.status in ("failed", "abandoned", "infeasible") for r in rows)
     assert any("out of memory (injected)" in r.reason for r in rows)
     # one worker: the search stops at the first check that can fire, 4 evaluated trials, all failed
-    assert sum(r.status == "failed" for r in rows) == 4 and not any(r.status == "abandoned" for r in rows)
+    assert sum(r.status == "failed" for r in rows) == 4
+    # nothing was running when it stopped; a proposal already queued is recorded, not dropped
+    assert all(r.reason.endswith("(proposed, not started)") for r in rows if r.status == "abandoned")
 
 
 def _modelsize_goal(setup):

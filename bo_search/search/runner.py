@@ -352,7 +352,7 @@ def _print_interrupted(setup: Setup, driver: AxDriver | None) -> None:
 
         n = sum(t.status == TrialStatus.ABANDONED for t in driver.client._experiment.trials.values())
         n -= sum(r.status == "abandoned" for r in setup.history_rows)  # those came back from the history
-        marked = f" ({n} in-flight trial(s) marked abandoned in Ax and in the history)"
+        marked = f" ({n} unfinished trial(s), running or proposed, marked abandoned in Ax and in the history)"
     print(
         f"\ninterrupted: in-flight trials were marked abandoned{marked}; every finished trial is in {setup.history_path}.\n"
         "resume with the same command (or add --resume).",
