@@ -1,7 +1,7 @@
 """Keep a locally started Ray cluster on loopback: the one place for Ray's network workarounds.
 
 With default settings Ray 2.60 reaches beyond the machine even when everything runs locally and
-``include_dashboard=False``. ``tests/test_ray_loopback.py`` traces every ``connect``/``sendto``/
+``include_dashboard=False``. ``tests/test_ray_env.py`` traces every ``connect``/``sendto``/
 ``sendmsg``/``bind`` of a real local cluster (driver, GCS, raylet, dashboard, and an actor that
 imports torch) and proves that with :func:`apply_loopback_env` and :func:`local_init_kwargs`
 nothing leaves 127.0.0.0/8, and that without them something does.

@@ -1,10 +1,6 @@
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import bo_search  # noqa: E402,F401  (offline environment first)
+import bo_search  # noqa: F401  (offline environment first)
 
 
 @pytest.fixture(scope="session", autouse=True)

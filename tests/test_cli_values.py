@@ -178,7 +178,7 @@ def test_worker_flag_errors_are_one_line(tiny_llama, tmp_path):
     ]
     from bo_search.search.workers import ray_is_initialized
 
-    for extra, msg in cases:  # in this process (test_search runs one such refusal as a subprocess)
+    for extra, msg in cases:  # in this process (test_runner runs one such refusal as a subprocess)
         args = base_args(tiny_llama, space, tmp_path / "h.csv", "--num_trials", "1", *extra)
         code, _, err = run_main("bo_search.acc_modelsize", args)
         assert code == 2 and msg in err and "Traceback" not in err, (extra, err[-1500:])

@@ -121,7 +121,7 @@ def test_ggml_space_encodes_decodes_and_rejects_bad_types(tiny_llama, tmp_path):
         load_space(_ggml_space(tmp_path / "bad.json", ["Q4_0", "Q8_O"]), layers)
     k = load_space(_ggml_space(tmp_path / "k.json", ["Q4_0", "Q4_K"]), layers)  # rows of 64/192: Q4_K falls back to Q5_0
     assert {lq.ggml_type for lq in k.decode({p.name: p.values[1] for p in k.tunable}).values()} == {"Q4_K"}
-    from clitools import run_main  # in this process: test_search runs one refusal as a subprocess
+    from clitools import run_main  # in this process: test_runner runs one refusal as a subprocess
 
     code, _, err = run_main(
         "bo_search.acc_modelsize",

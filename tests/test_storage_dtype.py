@@ -153,7 +153,7 @@ def test_bf16_search_limit_from_avg_bits_is_hand_computed(tmp_path):
     assert m is not None and math.isclose(float(m.group(1)), expect_gb, rel_tol=1e-5), (r.stdout[:500], expect_gb)
     # resuming under another accounting is refused in one line, the history untouched
     before = (tmp_path / "h.csv").read_bytes()
-    from clitools import run_main  # in this process: test_search runs one refusal as a subprocess
+    from clitools import run_main  # in this process: test_runner runs one refusal as a subprocess
 
     code, _, err = run_main(
         "bo_search.acc_modelsize",

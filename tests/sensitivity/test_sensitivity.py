@@ -383,7 +383,7 @@ def test_auto_seeds_compute_once_then_reuse_the_cache(tiny_llama, tmp_path, monk
 def test_cache_is_keyed_by_the_weights_content(tiny_llama, tmp_path, monkeypatch):
     """Issue 31, item 3: a retrained checkpoint of the same shape (same names and sizes) must not reuse
     the table cached for the old weights."""
-    from test_identity import _retrained
+    from search.test_identity import _retrained
 
     from bo_search.sensitivity.cache import cached_sensitivity
     from bo_search.structure import structure_setup

@@ -103,6 +103,6 @@ def test_prior_from_another_model_or_space_is_one_line_exit_2(tiny_llama, tiny_c
     for name, needle in (("other_model.json", "computed for model"), ("other_space.json", "has no cost for 2:32")):
         code, _, err = run_main(
             "bo_search.acc_modelsize", base_args(tiny_llama, space_path, tmp_path / f"{name}.csv", "--prior", str(tmp_path / name))
-        )  # in this process: test_search runs one refusal as a subprocess
+        )  # in this process: test_runner runs one refusal as a subprocess
         assert code == 2 and needle in err and err.strip().count("\n") == 0, err[-2000:]
         assert not (tmp_path / f"{name}.csv").exists()
