@@ -48,9 +48,7 @@ def main() -> int:
         (out / "help" / f"{cmd}.txt").write_text(f"rc={res.returncode}\n{res.stdout}{res.stderr}".replace(str(root), "<REPO>"))
     if args.no_reports:
         return 0
-    histories = sorted(
-        p for p in (root / "docs" / "bench").rglob("*.csv") if "_report" not in str(p)
-    )
+    histories = sorted(p for p in (root / "docs" / "bench").rglob("*.csv") if "_report" not in str(p))
     for hist in histories:
         rel = hist.relative_to(root / "docs" / "bench")
         dest = out / "report" / rel.with_suffix("")
@@ -61,8 +59,7 @@ def main() -> int:
                 cwd=root,
                 capture_output=True,
                 text=True,
-                env={"COLUMNS": "100", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(root),
-                     "HOME": str(pathlib.Path.home())},
+                env={"COLUMNS": "100", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(root), "HOME": str(pathlib.Path.home())},
             )
             text = (res.stdout + res.stderr).replace(tmp, "<OUT>").replace(str(root), "<REPO>")
             (dest / "_output.txt").write_text(f"rc={res.returncode}\n{text}")
