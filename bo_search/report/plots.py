@@ -16,12 +16,16 @@ SOURCE_STYLE: dict[str, tuple[str, str, str]] = {
     "seed": ("D", "tab:orange", "seed"),
     "sobol": ("s", "tab:green", "Sobol"),
     "bo": ("o", "tab:blue", "BO proposal"),
+    "thompson": ("o", "tab:blue", "Thompson proposal"),  # the size limit is drawn in red
     "repaired": ("^", "tab:purple", "BO proposal repaired to fit"),
     "random": ("v", "tab:brown", "random feasible fallback"),
 }
 
 
 OTHER_STYLE = ("x", "tab:gray", "other")
+
+#: the order trials are drawn in, by source: seeds first, so the search's own proposals are on top
+DRAW_ORDER = ("seed", "sobol", "random", "repaired", "bo", "thompson")
 
 
 def source_style(source: str) -> tuple[str, str, str]:
@@ -155,12 +159,15 @@ def plot_tradeoff(an: Analysis, ev: Evaluation | None, path: Path) -> Path:
     return path
 
 
+def _draw_rank(source: str) -> int:
+    return DRAW_ORDER.index(source) if source in DRAW_ORDER else len(DRAW_ORDER)
+
+
 def _draw_trials(ax: Any, an: Analysis, pts: Sequence[HistoryRow], xval: Callable[[HistoryRow], float]) -> None:
     """Completed trials by source, the Pareto front and the best feasible plan."""
     thr = an.by_throughput
     # trials by source (seeds first so BO points are drawn on top)
-    order = ["seed", "sobol", "random", "repaired", "bo"]
-    sources = sorted({r.source for r in pts}, key=lambda s: order.index(s) if s in order else len(order))
+    sources = sorted({r.source for r in pts}, key=_draw_rank)
     for src in sources:
         group = [r for r in pts if r.source == src]
         marker, color, label = source_style(src)
@@ -336,8 +343,7 @@ def _draw_best_so_far(ax: Any, an: Analysis, ev: Evaluation | None, evaluated: l
     thr = an.by_throughput
     feasible = {r.trial_index for r in an.feasible}
     value = [float((r.cal_throughput if thr else r.cal_PPL) or 0.0) for r in evaluated]
-    order = ["seed", "sobol", "random", "repaired", "bo"]
-    for src in sorted({r.source for r in evaluated}, key=lambda s: order.index(s) if s in order else len(order)):
+    for src in sorted({r.source for r in evaluated}, key=_draw_rank):
         marker, color, label = source_style(src)
         idx = [i for i, r in enumerate(evaluated) if r.source == src]
         ax.scatter([evaluated[i].trial_index for i in idx], [value[i] for i in idx], marker=marker, c=color, s=30, alpha=0.75,

@@ -390,3 +390,17 @@ def test_report_on_real_search(tiny_llama, tiny_search, tmp_path, capsys):
     code, _, err2 = run_main(capsys, hist, *flags, "--evaluate")
     assert code == 0, err2[-3000:]
     assert "0 new measurement(s)" in (out / "report.md").read_text()
+
+
+def test_every_source_the_search_writes_has_its_own_plot_style():
+    """The sources history.py documents (seed, random, repaired, the Ax node names, uniform
+    finalists aside) are drawn with their own marker and legend, not as "other": the default
+    strategy's proposals (thompson) were drawn as gray "other" crosses before."""
+    from bo_search.report.plots import DRAW_ORDER, OTHER_STYLE, SOURCE_STYLE, source_style
+
+    for src in ("seed", "random", "repaired", "thompson", "sobol", "bo"):
+        assert source_style(src) != OTHER_STYLE, src
+        assert src in DRAW_ORDER
+    assert set(DRAW_ORDER) == set(SOURCE_STYLE)
+    assert len({label for _, _, label in SOURCE_STYLE.values()}) == len(SOURCE_STYLE)
+    assert source_style("?") == OTHER_STYLE
