@@ -63,7 +63,7 @@ def _main(args: argparse.Namespace) -> int:
 
 def _search(setup: runner.Setup, args: argparse.Namespace) -> int:
     limit = size_limit(setup, args.model_size_constraint, args.avg_bits)
-    avg = limit.avg_bits(setup.size_model.other_bits, sum(li.numel for li in setup.layers.linears))
+    avg = limit.avg_bits(setup.size_model.other_bits, setup.n_weights)
     print(
         f"size limit {limit.gb:.6g} GB ({avg:.3f} avg bits per quantized weight); space spans {setup.min_gb:.6g}-{setup.max_gb:.6g} GB; full precision {setup.fp_gb:.6g} GB"
     )

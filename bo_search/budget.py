@@ -147,7 +147,7 @@ class SlotTable:
         outside = sum(cost_bits(li.fqn, FULL_PRECISION) for li in size_model.layers.linears if li.fqn not in in_space)
         base = outside + (size_model.other_bits if metric == "size" else 0)
         tunable = {p.name for p in space.tunable}
-        choices = space_choices(space)
+        choices = tuple(slot.choices for slot in space.slots)
         return cls(
             space=space,
             labels=tuple(f"block {slot.block}" + (f" {slot.group}" if slot.group else "") for slot in space.slots),
@@ -261,11 +261,6 @@ class SlotTable:
 
     def offset(self, s: int) -> int:
         return int(self._offsets[s])  # type: ignore[attr-defined]
-
-
-def space_choices(space: SearchSpace) -> tuple[tuple[tuple[int, int], ...], ...]:
-    """Per slot of a space, every allowed (bits, group_size) pair: the one place they are enumerated."""
-    return tuple(slot.choices for slot in space.slots)
 
 
 def _down(p, v: int) -> int | None:  # type: ignore[no-untyped-def]

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from bo_search.backends import AFFINE, GGML, backend_for, register_builtin
+from bo_search.backends import AFFINE, GGML, backend_for, export_error, register_builtin
 from bo_search.model import LinearInfo, ModelLayers
 from bo_search.types import FULL_PRECISION, PER_CHANNEL, LayerQuant, QuantPlan, UserError, did_you_mean, ggml_effective_type, ggml_row_bytes
 
@@ -321,7 +321,7 @@ def torchao_layer_config(lq: LayerQuant, in_features: int, device: str = "cpu", 
     ``Int8WeightOnlyConfig``. Everything else (and every choice on CPU) -> ``IntxWeightOnlyConfig``,
     which stores unpacked int8 codes and matches the fake-quant numerics.
     """
-    refusal = backend_for(lq).export_error(lq, "torchao") if lq.is_quantized else None
+    refusal = export_error([lq], "torchao")
     if refusal:
         raise UserError(refusal)
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, IntxWeightOnlyConfig, MappingType

@@ -162,7 +162,7 @@ def _main(args: argparse.Namespace) -> int:
     setup = structure_setup(args)
     limit = size_limit(setup, args.model_size_constraint, args.avg_bits) if args.bitops is None else None
     sens, sens_path = _load_sensitivity(args, setup)
-    n = sum(li.numel for li in setup.layers.linears)
+    n = setup.n_weights
     if limit is not None:
         budget = f"budget {limit.gb:.6g} GB ({limit.avg_bits(setup.size_model.other_bits, n):.3f} avg bits)"
     else:

@@ -48,6 +48,11 @@ class Structure:
     fp_gb: float
     slots: SlotTable
 
+    @property
+    def n_weights(self) -> int:
+        """Weights of the quantizable linears (what average bits per weight divide by)."""
+        return sum(li.numel for li in self.layers.linears)
+
 
 def resolve_space(parameters_list: str | None, layers: ModelLayers, ref: CheckpointRef) -> SearchSpace:
     """``--parameters_list``, else the shipped space of the embedded model, else one (bits, group) per block."""
@@ -114,8 +119,7 @@ def size_limit(st: Structure, size_gb: float | None, avg_bits: float | None) -> 
     if size_gb is not None and avg_bits is not None:
         raise UserError("give either --model_size_constraint or --avg_bits, not both")
     if size_gb is None:
-        n = sum(li.numel for li in st.layers.linears)
-        limit = SizeLimit.from_avg_bits(DEFAULT_AVG_BITS if avg_bits is None else avg_bits, st.size_model.other_bits, n)
+        limit = SizeLimit.from_avg_bits(DEFAULT_AVG_BITS if avg_bits is None else avg_bits, st.size_model.other_bits, st.n_weights)
     else:
         limit = SizeLimit(size_gb)
     if limit.gb < st.min_gb:

@@ -159,12 +159,13 @@ class Search:
                     self._stop_with("Ax produced no new configuration (the space may be exhausted)")
                     return
                 prop = nxt
-                if prop.size_gb > self.driver.goal.limit and self.driver.goal.size_limit is not None:
+                limit = self.driver.goal.size_limit
+                if limit is not None and not limit.admits(prop.size_gb):
                     self.driver.complete(prop.index, {SIZE_METRIC: (prop.size_gb, 0.0)})
                     self._record(prop, "infeasible", reason=f"size {prop.size_gb:.6g} GB over the limit; not evaluated")
                     self.stats.infeasible += 1
                     fixed = self.repair(prop.values) if self.repair is not None else None
-                    if fixed is not None and self.size_gb(self.driver.space.decode(fixed)) > self.driver.goal.limit:
+                    if fixed is not None and not limit.admits(self.size_gb(self.driver.space.decode(fixed))):
                         log.warning("trial %d: its repaired plan is still over the limit (exact size); not evaluated", prop.index)
                         fixed = None
                     if fixed is None:

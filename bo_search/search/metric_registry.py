@@ -79,18 +79,8 @@ METRICS: Mapping[str, Metric] = {
 #: what a size-limited search can minimise on the search split
 OBJECTIVES = tuple(name for name, m in METRICS.items() if m.objective)
 
-#: metrics whose recorded standard error is the noise of the damage they estimate (see ``ax_data``)
-NOISY_METRICS = tuple(name for name, m in METRICS.items() if m.sem_to_ax == "thompson")
-
 #: the metrics a completed history row gives back to Ax on resume, in this order (throughput apart)
 RESUMED_METRICS = ("nll", "ppl", "kl")
-
-
-def get_metric(name: str) -> Metric:
-    """The registered metric ``name`` (UserError with "did you mean" otherwise)."""
-    if name not in METRICS:
-        raise did_you_mean(name, list(METRICS), "metric")
-    return METRICS[name]
 
 
 def check_objective(name: str) -> str:
@@ -99,23 +89,20 @@ def check_objective(name: str) -> str:
     return name
 
 
-def objective_metric(objective: str) -> Metric:
-    """The metric a goal's objective minimises first (``"kl, model_size_gb"`` -> kl)."""
-    return METRICS[objective.split(",")[0].strip()]
+def score_metric(objective: str) -> Metric:
+    """The metric a goal's objective scores rows by: kl for a kl objective (a Pareto search's
+    ``"kl, model_size_gb"`` too), nll otherwise."""
+    return METRICS["kl"] if objective.startswith("kl") else METRICS["nll"]
 
 
 def nll_of_ppl(ppl: float) -> float:
     return math.log(ppl)
 
 
-def ppl_of_nll(nll: float) -> float:
-    return math.exp(nll)
-
-
 def search_score(row: Any, objective: str) -> float:
     """A completed row's search-split score under ``objective`` (lower is better): its KL, or its
     NLL (from the perplexity where an old row lacks it); inf when the row lacks it."""
-    metric = objective_metric(objective) if objective.split(",")[0].strip() in METRICS else METRICS["nll"]
+    metric = score_metric(objective)
     value = metric.value(row)
     if value is not None:
         return value
@@ -127,8 +114,7 @@ def search_score(row: Any, objective: str) -> float:
 
 def val_score(row: Any, objective: str) -> float:
     """A rescored row's validation score under the search's objective (lower is better; inf when missing)."""
-    metric = METRICS["kl"] if objective.startswith("kl") else METRICS["nll"]
-    value = metric.val_value(row)
+    value = score_metric(objective).val_value(row)
     return value if value is not None else math.inf
 
 

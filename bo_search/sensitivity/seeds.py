@@ -149,11 +149,14 @@ def allocate(
     fns = [(name, get_solver(name)) for name in solvers]
     space = table.space
     assert space is not None, "allocate needs a table built from a space"
-    metric = "size" if bitops_limit is None else "bitops"
-    problem = (table if metric == table.metric else SlotTable.build(space, size_model, metric)).with_prior(sens)
-    if limit is None and bitops_limit is None:
+    if bitops_limit is not None:
+        problem = SlotTable.build(space, size_model, "bitops").with_prior(sens)
+        room = math.floor(bitops_limit * 1e9) - problem.base_bits
+    elif limit is not None:
+        problem = table.with_prior(sens)
+        room = limit.bits - problem.base_bits
+    else:
         raise ValueError("allocate: give a size limit or a bit-operations limit")
-    room = (limit.bits if bitops_limit is None and limit is not None else math.floor((bitops_limit or 0.0) * 1e9)) - problem.base_bits
     check_budget(problem, room)
     seeds: list[Seed] = []
     for f in fractions:
@@ -167,7 +170,7 @@ def allocate(
             plan = space.decode(values)
             report = size_model.report(plan)
             assert limit is None or limit.admits(report.gb), (report.gb, limit)
-            gbops = (alloc.bits + problem.base_bits) / 1e9 if metric == "bitops" else None
+            gbops = (alloc.bits + problem.base_bits) / 1e9 if problem.metric == "bitops" else None
             seeds.append(Seed(name, f, values, report.gb, report.avg_bits, alloc.cost, alloc.optimal, plan.histogram(), gbops))
     return seeds
 
